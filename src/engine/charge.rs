@@ -1,0 +1,721 @@
+//! Paying one period: the recovery points of a renewal.
+//!
+//! 1. An open attempt (committed, no outcome, or `unknown`) is reconciled
+//!    with the gateway under the same idempotency key before anything else.
+//!    Only a confirmed non-charge lets a new attempt (new key) follow.
+//! 2. The subscription is re-read: cancelled, already renewed or auto-renew
+//!    off since the renewal was opened means no charge.
+//! 3. The attempt row with its key is committed, then the gateway is called
+//!    with no transaction open.
+//! 4. The outcome is written in one transaction with everything it causes
+//!    (term extension, invoice, outbox mail, events), checked against the
+//!    lease so a worker whose claim was taken over cannot write.
+
+use jiff::{Span, Timestamp};
+use serde_json::json;
+
+use super::{Engine, EngineError, EngineResult};
+use crate::domain::subscription::Event as SubEvent;
+use crate::domain::{term, Currency, Money, Status};
+use crate::gateway::{Charge, ChargeRequest, GatewayError, Lookup};
+use crate::invoice;
+use crate::mail::MailKind;
+use crate::store::{
+    Attempt, AttemptPatch, AttemptStatus, Change, Invoice, Lease, NewAttempt, NewEvent, NewInvoice,
+    NewMail, PaymentMethod, Period, RenewalKind, RenewalPatch, RenewalStatus, RenewalWork,
+    SubscriptionPatch,
+};
+
+/// What happened to one claimed renewal.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Renewed(Box<Invoice>),
+    Declined {
+        hard: bool,
+        retry_at: Option<Timestamp>,
+        code: String,
+    },
+    Expired,
+    /// The outcome of a charge is not known yet; it will be reconciled.
+    Unknown,
+    Skipped(&'static str),
+}
+
+impl Engine {
+    /// Works one claimed renewal to its next resting point.
+    pub(crate) async fn process(&self, lease: &Lease, now: Timestamp) -> EngineResult<Outcome> {
+        let mut work = self.load(lease).await?;
+        if let Some(open) = work.last_attempt.clone().filter(|a| a.status.is_open()) {
+            match self.gateway.lookup(&open.idempotency_key).await {
+                Ok(Lookup::Charged(charge)) => {
+                    tracing::info!(
+                        subscription_id = work.subscription.id,
+                        idempotency_key = %open.idempotency_key,
+                        outcome = "charged",
+                        "reconciled: the gateway took the charge"
+                    );
+                    return self.record_success(&work, &open, charge, lease, now).await;
+                }
+                Ok(Lookup::Declined(decline)) => {
+                    return self.record_decline(&work, &open, decline, lease, now).await
+                }
+                Ok(Lookup::NotFound) => {
+                    self.store
+                        .apply(
+                            Change {
+                                lease: Some(lease.clone()),
+                                attempt: Some(AttemptPatch {
+                                    id: open.id,
+                                    status: AttemptStatus::NotCharged,
+                                    decline_kind: None,
+                                    decline_code: None,
+                                    gateway_reference: None,
+                                    reconcile_count: Some(open.reconcile_count + 1),
+                                }),
+                                events: vec![NewEvent {
+                                    idempotency_key: Some(open.idempotency_key.clone()),
+                                    outcome: Some("not_charged".into()),
+                                    amount_minor: Some(open.amount_minor),
+                                    currency: Some(open.currency.clone()),
+                                    ..NewEvent::new("charge.reconciled", &work.subscription)
+                                }],
+                                ..Default::default()
+                            },
+                            now,
+                        )
+                        .await?;
+                    tracing::info!(
+                        subscription_id = work.subscription.id,
+                        idempotency_key = %open.idempotency_key,
+                        outcome = "not_charged",
+                        "reconciled: the gateway never charged this key"
+                    );
+                    work = self.load(lease).await?;
+                }
+                Err(e) => return self.record_unknown(&work, &open, &e, lease, now).await,
+            }
+        }
+
+        if let Some(reason) = no_charge_reason(&work) {
+            return self.skip(&work, lease, reason, now).await;
+        }
+        if work.renewal.kind != RenewalKind::Purchase && now >= self.grace_end(&work) {
+            return self
+                .expire_unpaid(&work, lease, "grace period over", now)
+                .await;
+        }
+
+        let PaymentMethod::Card { token, .. } = &work.subscription.payment else {
+            return self.skip(&work, lease, "not_card", now).await;
+        };
+        let amounts = self.price_year(&work.subscription.plan, &work.customer)?;
+        let n = work.renewal.attempt_count + 1;
+        let key = idempotency_key(&work, n);
+        let attempt = self
+            .store
+            .begin_attempt(
+                lease,
+                &NewAttempt {
+                    idempotency_key: key.clone(),
+                    payment_method: token.clone(),
+                    amount_minor: amounts.total_minor,
+                    currency: amounts.currency.clone(),
+                    invoice_draft: amounts.clone(),
+                },
+                now,
+            )
+            .await?;
+        let currency =
+            Currency::parse(&amounts.currency).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let request = ChargeRequest {
+            idempotency_key: key,
+            payment_method: token.clone(),
+            amount: Money::new(amounts.total_minor, currency),
+            description: format!(
+                "{} #{} term {}",
+                self.plan_name(&work.subscription.plan),
+                work.subscription.id,
+                work.renewal.term
+            ),
+            attempt_id: attempt.id,
+            subscription_id: work.subscription.id,
+        };
+        let started = std::time::Instant::now();
+        let result = self.gateway.charge(&request).await;
+        tracing::debug!(
+            subscription_id = work.subscription.id,
+            idempotency_key = %request.idempotency_key,
+            latency_ms = started.elapsed().as_millis() as u64,
+            "gateway answered"
+        );
+        match result {
+            Ok(charge) => {
+                self.record_success(&work, &attempt, charge, lease, now)
+                    .await
+            }
+            Err(GatewayError::Unknown(reason)) => {
+                self.record_unknown(&work, &attempt, &GatewayError::Unknown(reason), lease, now)
+                    .await
+            }
+            Err(decline) => {
+                self.record_decline(&work, &attempt, decline, lease, now)
+                    .await
+            }
+        }
+    }
+
+    async fn load(&self, lease: &Lease) -> EngineResult<RenewalWork> {
+        self.store
+            .renewal_work(lease.renewal_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("renewal {}", lease.renewal_id)))
+    }
+
+    /// The last instant a period may stay unpaid: the period end plus the
+    /// grace days, counted on the customer's calendar.
+    fn grace_end(&self, work: &RenewalWork) -> Timestamp {
+        work.renewal
+            .period_start
+            .to_zoned(self.zone_of(&work.customer))
+            .checked_add(Span::new().days(i64::from(self.config.raw.dunning.grace_days)))
+            .map(|z| z.timestamp())
+            .unwrap_or(work.renewal.period_start)
+    }
+
+    async fn record_success(
+        &self,
+        work: &RenewalWork,
+        attempt: &Attempt,
+        charge: Charge,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
+        let sub = &work.subscription;
+        let r = &work.renewal;
+        let purchase = r.kind == RenewalKind::Purchase;
+        let fresh_anchor = purchase || sub.status == Status::Expired;
+        let anchor = match (fresh_anchor, sub.anchor_date) {
+            (false, Some(a)) => a,
+            _ => term::anchor_date(r.period_start, &self.zone_of(&work.customer)),
+        };
+        let term_n = if fresh_anchor { 1 } else { r.term };
+        let end = self.period_end(anchor, term_n, &work.customer)?;
+        let event = if sub.status == Status::Expired {
+            SubEvent::ManualRenewal
+        } else {
+            SubEvent::Paid
+        };
+        let status = sub
+            .status
+            .on(event)
+            .map_err(|e| EngineError::Internal(format!("charged but {e}")))?;
+        let amounts = attempt.invoice_draft.clone();
+        let invoice = NewInvoice {
+            series: invoice::series(
+                &self.config.raw.invoice.prefix,
+                now,
+                &self.config.invoice_zone,
+            ),
+            digits: self.config.raw.invoice.digits,
+            subscription_id: sub.id,
+            customer_id: sub.customer_id,
+            renewal_id: Some(r.id),
+            attempt_id: Some(attempt.id),
+            status: "paid".into(),
+            document: self.invoice_document(sub, &work.customer, &amounts),
+            amounts,
+            issued_at: now,
+            due_at: None,
+            paid_at: Some(now),
+            period_start: r.period_start,
+            period_end: end,
+            payment_kind: "card".into(),
+            payment_reference: Some(charge.reference.clone()),
+        };
+        let mut ctx = self.mail_context(sub, &work.customer);
+        ctx["amount"] = json!(self.money(attempt.amount_minor, &attempt.currency));
+        ctx["new_period_end_date"] = json!(self.local_date(end, &work.customer));
+        ctx["period_end_date"] = json!(self.local_date(end, &work.customer));
+        let mail_kind = if purchase {
+            MailKind::OrderConfirmation
+        } else {
+            MailKind::Receipt
+        };
+        let event_kind = if purchase {
+            "purchase.paid"
+        } else {
+            "renewal.succeeded"
+        };
+        let applied = self
+            .store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    attempt: Some(AttemptPatch {
+                        id: attempt.id,
+                        status: AttemptStatus::Succeeded,
+                        decline_kind: None,
+                        decline_code: None,
+                        gateway_reference: Some(charge.reference.clone()),
+                        reconcile_count: None,
+                    }),
+                    renewal: Some(RenewalPatch {
+                        status: RenewalStatus::Succeeded,
+                        next_attempt_at: None,
+                        note: None,
+                        release: true,
+                    }),
+                    subscription: Some(SubscriptionPatch {
+                        id: sub.id,
+                        expect_status: vec![sub.status],
+                        expect_period_end: Some(sub.current_period_end),
+                        status: Some(status),
+                        period: Some(Period {
+                            anchor_date: anchor,
+                            term: term_n,
+                            start: r.period_start,
+                            end,
+                        }),
+                        ..Default::default()
+                    }),
+                    invoice: Some(invoice),
+                    mails: vec![NewMail {
+                        subscription_id: sub.id,
+                        customer_id: sub.customer_id,
+                        kind: mail_kind,
+                        period_key: end.as_second(),
+                        offset_key: 0,
+                        recipient: work.customer.email.clone(),
+                        locale: work.customer.locale.clone(),
+                        context: ctx,
+                    }],
+                    events: vec![NewEvent {
+                        amount_minor: Some(attempt.amount_minor),
+                        currency: Some(attempt.currency.clone()),
+                        period_end: Some(end),
+                        idempotency_key: Some(attempt.idempotency_key.clone()),
+                        outcome: Some("charged".into()),
+                        detail: json!({"gateway_reference": charge.reference, "term": term_n, "terms_acceptance_id": r.terms_acceptance_id}),
+                        ..NewEvent::new(event_kind, sub)
+                    }],
+                    only_if_mail_is_new: false,
+                },
+                now,
+            )
+            .await?;
+        let invoice = applied
+            .invoice
+            .ok_or_else(|| EngineError::Internal("payment recorded without an invoice".into()))?;
+        tracing::info!(
+            subscription_id = sub.id,
+            customer_id = sub.customer_id,
+            invoice_number = %invoice.number,
+            amount_minor = attempt.amount_minor,
+            currency = %attempt.currency,
+            period_end = %end,
+            idempotency_key = %attempt.idempotency_key,
+            outcome = "charged",
+            "{}",
+            if purchase { "purchase paid" } else { "subscription renewed" }
+        );
+        if let Err(e) = invoice::write_documents(&self.config.invoice_dir(), &invoice) {
+            // The invoice is committed; its document can be rendered again on demand.
+            tracing::error!(invoice_number = %invoice.number, error = %e, "cannot write invoice document");
+        }
+        Ok(Outcome::Renewed(Box::new(invoice)))
+    }
+
+    async fn record_decline(
+        &self,
+        work: &RenewalWork,
+        attempt: &Attempt,
+        decline: GatewayError,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
+        let sub = &work.subscription;
+        let hard = matches!(decline, GatewayError::HardDecline { .. });
+        let attempt_patch = AttemptPatch {
+            id: attempt.id,
+            status: AttemptStatus::Declined,
+            decline_kind: decline.decline_kind().map(str::to_string),
+            decline_code: Some(decline.code().to_string()),
+            gateway_reference: None,
+            reconcile_count: None,
+        };
+        let base_event = NewEvent {
+            amount_minor: Some(attempt.amount_minor),
+            currency: Some(attempt.currency.clone()),
+            idempotency_key: Some(attempt.idempotency_key.clone()),
+            outcome: Some(format!(
+                "declined_{}",
+                decline.decline_kind().unwrap_or("unknown")
+            )),
+            detail: json!({"decline_code": decline.code(), "attempt": attempt.attempt_no}),
+            ..NewEvent::new("charge.declined", sub)
+        };
+
+        if work.renewal.kind == RenewalKind::Purchase {
+            // A refused first payment: the subscription never starts.
+            let status = sub
+                .status
+                .on(SubEvent::Expire)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            self.store
+                .apply(
+                    Change {
+                        lease: Some(lease.clone()),
+                        attempt: Some(attempt_patch),
+                        renewal: Some(RenewalPatch {
+                            status: RenewalStatus::Failed,
+                            next_attempt_at: None,
+                            note: Some(decline.to_string()),
+                            release: true,
+                        }),
+                        subscription: Some(SubscriptionPatch {
+                            id: sub.id,
+                            expect_status: vec![Status::PendingPayment],
+                            status: Some(status),
+                            ..Default::default()
+                        }),
+                        events: vec![base_event],
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
+            tracing::warn!(
+                subscription_id = sub.id,
+                customer_id = sub.customer_id,
+                amount_minor = attempt.amount_minor,
+                currency = %attempt.currency,
+                idempotency_key = %attempt.idempotency_key,
+                outcome = "declined",
+                decline_code = decline.code(),
+                "purchase declined"
+            );
+            return Ok(Outcome::Declined {
+                hard,
+                retry_at: None,
+                code: decline.code().to_string(),
+            });
+        }
+
+        let grace_end = self.grace_end(work);
+        let first = work.renewal.first_attempt_at.unwrap_or(attempt.created_at);
+        let retry_at = if hard {
+            None
+        } else {
+            usize::try_from(attempt.attempt_no - 1)
+                .ok()
+                .and_then(|i| self.config.raw.dunning.retry_days.get(i))
+                .and_then(|&d| {
+                    first
+                        .to_zoned(self.zone_of(&work.customer))
+                        .checked_add(Span::new().days(i64::from(d)))
+                        .ok()
+                })
+                .map(|z| z.timestamp())
+                .filter(|&t| t < grace_end)
+        };
+        let exhausted = !hard && retry_at.is_none();
+        let mut ctx = self.mail_context(sub, &work.customer);
+        ctx["amount"] = json!(self.money(attempt.amount_minor, &attempt.currency));
+        ctx["decline_reason"] = json!(decline_reason(&decline));
+        ctx["next_retry_date"] = json!(retry_at.map(|t| self.local_date(t, &work.customer)));
+        ctx["grace_end_date"] = json!(self.local_date(grace_end, &work.customer));
+        let period_key = work.renewal.period_start.as_second();
+        let mut mails = vec![NewMail {
+            subscription_id: sub.id,
+            customer_id: sub.customer_id,
+            kind: MailKind::PaymentFailed,
+            period_key,
+            offset_key: attempt.attempt_no,
+            recipient: work.customer.email.clone(),
+            locale: work.customer.locale.clone(),
+            context: ctx.clone(),
+        }];
+        let mut events = vec![base_event];
+        let (renewal_status, next_at, sub_event) = if exhausted {
+            mails.push(self.expired_mail(work, period_key));
+            events.push(NewEvent {
+                outcome: Some("retries_exhausted".into()),
+                ..NewEvent::new("subscription.expired", sub)
+            });
+            (RenewalStatus::Failed, None, SubEvent::Expire)
+        } else if hard {
+            (
+                RenewalStatus::ActionRequired,
+                Some(grace_end),
+                SubEvent::PaymentFailed,
+            )
+        } else {
+            events.push(NewEvent {
+                outcome: Some("retry_scheduled".into()),
+                detail: json!({"retry_at": retry_at.map(|t| t.to_string()), "attempt": attempt.attempt_no}),
+                ..NewEvent::new("renewal.retry_scheduled", sub)
+            });
+            (RenewalStatus::Retrying, retry_at, SubEvent::PaymentFailed)
+        };
+        let status = sub
+            .status
+            .on(sub_event)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    attempt: Some(attempt_patch),
+                    renewal: Some(RenewalPatch {
+                        status: renewal_status,
+                        next_attempt_at: next_at,
+                        note: Some(decline.to_string()),
+                        release: true,
+                    }),
+                    subscription: Some(SubscriptionPatch {
+                        id: sub.id,
+                        expect_status: vec![Status::Active, Status::PastDue],
+                        expect_period_end: Some(Some(work.renewal.period_start)),
+                        status: Some(status),
+                        ..Default::default()
+                    }),
+                    mails,
+                    events,
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::warn!(
+            subscription_id = sub.id,
+            customer_id = sub.customer_id,
+            amount_minor = attempt.amount_minor,
+            currency = %attempt.currency,
+            period_end = %work.renewal.period_start,
+            idempotency_key = %attempt.idempotency_key,
+            outcome = if exhausted { "expired" } else if hard { "declined_hard" } else { "retry_scheduled" },
+            decline_code = decline.code(),
+            retry_at = retry_at.map(|t| t.to_string()),
+            "renewal payment declined"
+        );
+        if exhausted {
+            return Ok(Outcome::Expired);
+        }
+        Ok(Outcome::Declined {
+            hard,
+            retry_at,
+            code: decline.code().to_string(),
+        })
+    }
+
+    /// Leaves the attempt open and schedules the next question to the
+    /// gateway; the lease is released so any worker may reconcile it.
+    async fn record_unknown(
+        &self,
+        work: &RenewalWork,
+        attempt: &Attempt,
+        error: &GatewayError,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
+        let backoff = &self.config.reconcile_backoff;
+        let step = usize::try_from(attempt.reconcile_count)
+            .unwrap_or(usize::MAX)
+            .min(backoff.len().saturating_sub(1));
+        let wait = backoff
+            .get(step)
+            .copied()
+            .unwrap_or(jiff::SignedDuration::from_mins(5));
+        let next = now.saturating_add(wait).unwrap_or(now);
+        self.store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    attempt: Some(AttemptPatch {
+                        id: attempt.id,
+                        status: AttemptStatus::Unknown,
+                        decline_kind: None,
+                        decline_code: None,
+                        gateway_reference: None,
+                        reconcile_count: Some(attempt.reconcile_count + 1),
+                    }),
+                    renewal: Some(RenewalPatch {
+                        status: work.renewal.status,
+                        next_attempt_at: Some(next),
+                        note: Some(error.to_string()),
+                        release: true,
+                    }),
+                    events: vec![NewEvent {
+                        amount_minor: Some(attempt.amount_minor),
+                        currency: Some(attempt.currency.clone()),
+                        idempotency_key: Some(attempt.idempotency_key.clone()),
+                        outcome: Some("unknown".into()),
+                        detail: json!({"error": error.to_string(), "reconcile_at": next.to_string()}),
+                        ..NewEvent::new("charge.unknown", &work.subscription)
+                    }],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::error!(
+            subscription_id = work.subscription.id,
+            customer_id = work.subscription.customer_id,
+            amount_minor = attempt.amount_minor,
+            currency = %attempt.currency,
+            idempotency_key = %attempt.idempotency_key,
+            outcome = "unknown",
+            reconcile_at = %next,
+            error = %error,
+            "charge outcome unknown; will reconcile with the same key"
+        );
+        Ok(Outcome::Unknown)
+    }
+
+    async fn skip(
+        &self,
+        work: &RenewalWork,
+        lease: &Lease,
+        reason: &'static str,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
+        self.store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    renewal: Some(RenewalPatch {
+                        status: RenewalStatus::Skipped,
+                        next_attempt_at: None,
+                        note: Some(reason.into()),
+                        release: true,
+                    }),
+                    events: vec![NewEvent {
+                        outcome: Some(reason.into()),
+                        ..NewEvent::new("renewal.skipped", &work.subscription)
+                    }],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::info!(
+            subscription_id = work.subscription.id,
+            outcome = reason,
+            "renewal skipped: no charge"
+        );
+        Ok(Outcome::Skipped(reason))
+    }
+
+    async fn expire_unpaid(
+        &self,
+        work: &RenewalWork,
+        lease: &Lease,
+        why: &str,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
+        let sub = &work.subscription;
+        let status = sub
+            .status
+            .on(SubEvent::Expire)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    renewal: Some(RenewalPatch {
+                        status: RenewalStatus::Failed,
+                        next_attempt_at: None,
+                        note: Some(why.into()),
+                        release: true,
+                    }),
+                    subscription: Some(SubscriptionPatch {
+                        id: sub.id,
+                        expect_status: vec![sub.status],
+                        status: Some(status),
+                        ..Default::default()
+                    }),
+                    mails: vec![self.expired_mail(work, work.renewal.period_start.as_second())],
+                    events: vec![NewEvent {
+                        outcome: Some(why.into()),
+                        ..NewEvent::new("subscription.expired", sub)
+                    }],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::warn!(
+            subscription_id = sub.id,
+            customer_id = sub.customer_id,
+            outcome = "expired",
+            reason = why,
+            "subscription expired unpaid"
+        );
+        Ok(Outcome::Expired)
+    }
+
+    fn expired_mail(&self, work: &RenewalWork, period_key: i64) -> NewMail {
+        NewMail {
+            subscription_id: work.subscription.id,
+            customer_id: work.subscription.customer_id,
+            kind: MailKind::Expired,
+            period_key,
+            offset_key: 0,
+            recipient: work.customer.email.clone(),
+            locale: work.customer.locale.clone(),
+            context: self.mail_context(&work.subscription, &work.customer),
+        }
+    }
+}
+
+/// `renew:{subscription}:{period_start}:a{n}`: the same for every retry of
+/// the same attempt, different for the next attempt.
+fn idempotency_key(work: &RenewalWork, n: i64) -> String {
+    let prefix = if work.renewal.kind == RenewalKind::Purchase {
+        "purchase"
+    } else {
+        "renew"
+    };
+    format!(
+        "{prefix}:{}:{}:a{n}",
+        work.subscription.id,
+        work.renewal.period_start.as_second()
+    )
+}
+
+/// Why this renewal must not be charged now, if it must not.
+fn no_charge_reason(work: &RenewalWork) -> Option<&'static str> {
+    let sub = &work.subscription;
+    let r = &work.renewal;
+    if sub.status == Status::Cancelled {
+        return Some("cancelled");
+    }
+    match r.kind {
+        RenewalKind::Purchase => (sub.status != Status::PendingPayment).then_some("already_paid"),
+        RenewalKind::Auto => {
+            if sub.current_period_end != Some(r.period_start) {
+                Some("already_renewed")
+            } else if !sub.auto_renew.on {
+                Some("auto_renew_off")
+            } else if sub.cancel_at_period_end {
+                Some("cancel_at_period_end")
+            } else if !matches!(sub.status, Status::Active | Status::PastDue) {
+                Some("not_active")
+            } else {
+                None
+            }
+        }
+        RenewalKind::Manual => (sub.status != Status::Expired
+            && sub.current_period_end != Some(r.period_start))
+        .then_some("already_renewed"),
+    }
+}
+
+fn decline_reason(e: &GatewayError) -> String {
+    match e {
+        GatewayError::HardDecline { message, .. } | GatewayError::SoftDecline { message, .. } => {
+            message.clone()
+        }
+        GatewayError::Unknown(_) => "unknown".into(),
+    }
+}

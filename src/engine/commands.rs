@@ -1,0 +1,248 @@
+//! The commands billing staff and customers trigger: add a customer,
+//! purchase, turn auto-renewal on or off. Each validates its input into
+//! domain types first, so bad input is refused before anything is written.
+
+use jiff::Timestamp;
+use serde_json::json;
+
+use super::charge::Outcome;
+use super::{Engine, EngineError, EngineResult};
+use crate::domain::subscription::AutoRenewError;
+use crate::domain::values::{CardExpiry, CardToken, Country, EmailAddress, Locale, Name, Zone};
+use crate::domain::{Currency, Status};
+use crate::gateway::GatewayError;
+use crate::store::{
+    Change, Customer, Invoice, Lease, NewCustomer, NewEvent, NewPurchase, PaymentMethod,
+    Subscription, SubscriptionPatch,
+};
+
+#[derive(Debug, Clone, Default)]
+pub struct NewCustomerInput {
+    pub name: String,
+    pub email: String,
+    pub timezone: Option<String>,
+    pub locale: Option<String>,
+    pub country: Option<String>,
+    pub currency: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PurchaseInput {
+    pub customer_id: i64,
+    pub plan: Option<String>,
+    pub accept_terms: Option<String>,
+    pub card: String,
+    pub card_expiry: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PurchaseResult {
+    pub subscription: Subscription,
+    pub invoice: Option<Invoice>,
+    /// Set when the payment did not go through: why, for the caller to show.
+    pub problem: Option<String>,
+}
+
+fn invalid(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Invalid(e.to_string())
+}
+
+impl Engine {
+    pub async fn add_customer(&self, input: NewCustomerInput) -> EngineResult<Customer> {
+        let name = Name::parse(&input.name).map_err(invalid)?;
+        let email = EmailAddress::parse(&input.email).map_err(invalid)?;
+        let zone = match &input.timezone {
+            Some(z) => Zone::parse(z).map_err(invalid)?,
+            None => self.config.default_zone.clone(),
+        };
+        let locale = match &input.locale {
+            Some(l) => Locale::parse(l).map_err(invalid)?,
+            None => self.config.default_locale,
+        };
+        let country = match &input.country {
+            Some(c) => Country::parse(c).map_err(invalid)?,
+            None => self.config.default_country.clone(),
+        };
+        let currency = match &input.currency {
+            Some(c) => Currency::parse(c).map_err(invalid)?,
+            None => self.config.default_currency,
+        };
+        let sold = self.config.sold_currencies();
+        if !sold.iter().any(|c| c == currency.code()) {
+            return Err(EngineError::Invalid(format!(
+                "currency {currency} is not sold by any plan; use one of {}",
+                sold.join(", ")
+            )));
+        }
+        let now = self.now();
+        let customer = self
+            .store
+            .insert_customer(
+                &NewCustomer {
+                    name: name.as_str().to_string(),
+                    email: email.as_str().to_string(),
+                    timezone: zone.name().to_string(),
+                    locale: locale.as_str().to_string(),
+                    country: country.as_str().to_string(),
+                    currency: currency.code().to_string(),
+                },
+                now,
+            )
+            .await?;
+        tracing::info!(customer_id = customer.id, email = %email.masked(), "customer added");
+        Ok(customer)
+    }
+
+    /// Checks a terms version against the current one (rule 6).
+    pub fn check_terms(&self, accepted: Option<&str>) -> EngineResult<String> {
+        let current = &self.config.raw.terms.current;
+        match accepted {
+            Some(v) if v == current => Ok(v.to_string()),
+            Some(v) if self.config.raw.terms.versions.iter().any(|x| x == v) => Err(EngineError::Refused(format!(
+                "terms version {v} is outdated; the customer must accept the current Terms and Conditions: --accept-terms {current}"
+            ))),
+            Some(v) => Err(EngineError::Invalid(format!(
+                "unknown terms version `{v}`; the current Terms and Conditions version is {current} (--accept-terms {current})"
+            ))),
+            None => Err(EngineError::Invalid(format!(
+                "payment refused: the Terms and Conditions must be accepted; pass --accept-terms {current}"
+            ))),
+        }
+    }
+
+    /// Buys a subscription by card: the card is charged at once.
+    pub async fn purchase(&self, input: PurchaseInput) -> EngineResult<PurchaseResult> {
+        let terms = self.check_terms(input.accept_terms.as_deref())?;
+        let customer = self
+            .store
+            .customer(input.customer_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("customer {} not found; list customers with `renewd customer add` output or create one", input.customer_id)))?;
+        let plan = input
+            .plan
+            .unwrap_or_else(|| self.config.raw.default_plan.clone());
+        if !self.config.raw.plans.contains_key(&plan) {
+            let known: Vec<&str> = self.config.raw.plans.keys().map(String::as_str).collect();
+            return Err(EngineError::Invalid(format!(
+                "unknown plan `{plan}`; use one of {}",
+                known.join(", ")
+            )));
+        }
+        // Refuses a plan not sold in the customer's currency before any write.
+        self.price_year(&plan, &customer)?;
+        let token = CardToken::parse(&input.card).map_err(invalid)?;
+        let expiry = input
+            .card_expiry
+            .as_deref()
+            .map(CardExpiry::parse)
+            .transpose()
+            .map_err(invalid)?;
+        let details = self
+            .gateway
+            .card_details(token.as_str())
+            .await
+            .map_err(|e| match e {
+                GatewayError::Unknown(m) => {
+                    EngineError::Internal(format!("cannot reach the payment gateway: {m}"))
+                }
+                other => EngineError::Invalid(other.to_string()),
+            })?;
+        let now = self.now();
+        let claim = self.new_claim(now);
+        let (sub, renewal) = self
+            .store
+            .insert_purchase(
+                &NewPurchase {
+                    customer_id: customer.id,
+                    plan,
+                    payment: PaymentMethod::Card {
+                        token: token.as_str().to_string(),
+                        brand: details.brand,
+                        last4: details.last4,
+                        expiry: expiry.map(|e| e.to_string()),
+                    },
+                    terms_version: terms,
+                },
+                &claim,
+                now,
+            )
+            .await?;
+        let lease = Lease {
+            renewal_id: renewal.id,
+            token: claim.token,
+        };
+        let outcome = self.process(&lease, now).await?;
+        let subscription =
+            self.store.subscription(sub.id).await?.ok_or_else(|| {
+                EngineError::Internal(format!("subscription {} vanished", sub.id))
+            })?;
+        let (invoice, problem) = match outcome {
+            Outcome::Renewed(inv) => (Some(*inv), None),
+            Outcome::Declined { code, .. } => (None, Some(format!(
+                "card declined ({code}); subscription {} was not started; try another card", sub.id
+            ))),
+            Outcome::Unknown => (None, Some(format!(
+                "the payment outcome is unknown; renewd will reconcile it on the next sweep and start subscription {} only if the charge went through", sub.id
+            ))),
+            Outcome::Expired | Outcome::Skipped(_) => (None, Some(format!("subscription {} was not started", sub.id))),
+        };
+        Ok(PurchaseResult {
+            subscription,
+            invoice,
+            problem,
+        })
+    }
+
+    /// Rule 3: off at any time; on only if not locked by an earlier "off".
+    pub async fn set_auto_renew(&self, id: i64, on: bool) -> EngineResult<Subscription> {
+        let sub = self.subscription(id).await?;
+        if sub.status == Status::Cancelled {
+            return Err(EngineError::Refused(format!(
+                "subscription {id} is cancelled; auto-renewal cannot change"
+            )));
+        }
+        let next = sub.auto_renew.set(on).map_err(|e| match e {
+            AutoRenewError::LockedUntilRenewal => EngineError::Refused(format!(
+                "auto-renewal of subscription {id} was turned off and cannot be turned back on until the subscription is renewed again; renew it with `{}`",
+                self.renew_command(&sub)
+            )),
+        })?;
+        if next == sub.auto_renew {
+            return Ok(sub);
+        }
+        let now: Timestamp = self.now();
+        self.store
+            .apply(
+                Change {
+                    subscription: Some(SubscriptionPatch {
+                        id,
+                        auto_renew: Some(next),
+                        ..Default::default()
+                    }),
+                    events: vec![NewEvent {
+                        outcome: Some(if on { "on" } else { "off" }.into()),
+                        detail: json!({"can_enable": next.can_enable}),
+                        ..NewEvent::new("subscription.auto_renew", &sub)
+                    }],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::info!(
+            subscription_id = id,
+            customer_id = sub.customer_id,
+            outcome = if on { "on" } else { "off" },
+            "auto-renewal switched"
+        );
+        self.subscription(id).await
+    }
+
+    pub async fn subscription(&self, id: i64) -> EngineResult<Subscription> {
+        self.store.subscription(id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "subscription {id} not found; see `renewd subscription list`"
+            ))
+        })
+    }
+}

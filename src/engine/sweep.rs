@@ -1,0 +1,512 @@
+//! One sweep at `now`, in order: renewals (and their retries and
+//! reconciliations), expiry, reminders, upcoming-renewal notices, mail.
+//!
+//! Every step is idempotent: renewal rows are unique per period, claims are
+//! leased, mail is unique per (subscription, period, kind, offset), so a
+//! sweep run twice at the same instant changes nothing the second time.
+//! All due-date logic reads the database and `now`; a sweep after downtime
+//! catches up on whatever fell due meanwhile.
+
+use futures::stream::{self, StreamExt};
+use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
+use serde_json::json;
+
+use super::charge::Outcome;
+use super::{Engine, EngineResult};
+use crate::domain::reminder;
+use crate::domain::subscription::Event as SubEvent;
+use crate::domain::values::CardExpiry;
+use crate::domain::Status;
+use crate::mail::MailKind;
+use crate::store::{
+    Change, Customer, Lease, NewEvent, NewMail, PaymentMethod, Scan, Subscription,
+    SubscriptionPatch,
+};
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SweepSummary {
+    pub now: String,
+    pub renewed: u32,
+    pub declined: u32,
+    pub retry_scheduled: u32,
+    pub expired: u32,
+    pub reminders: u32,
+    pub notices: u32,
+    pub invoices_issued: u32,
+    pub unknown: u32,
+    pub skipped: u32,
+    pub mail_sent: u32,
+    pub mail_failed: u32,
+    pub errors: u32,
+}
+
+/// One thing a sweep at `now` would do (for `--dry-run`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedAction {
+    pub subscription_id: i64,
+    pub action: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPlan {
+    pub now: String,
+    pub actions: Vec<PlannedAction>,
+    pub mail_queued: usize,
+}
+
+const SCAN_BATCH: u32 = 500;
+
+impl Engine {
+    /// A sweep at the clock's current instant.
+    pub async fn sweep(&self) -> EngineResult<SweepSummary> {
+        self.sweep_at(self.now()).await
+    }
+
+    pub async fn sweep_at(&self, now: Timestamp) -> EngineResult<SweepSummary> {
+        let mut s = SweepSummary {
+            now: now.to_string(),
+            ..Default::default()
+        };
+        self.renewals(now, &mut s).await?;
+        self.expiries(now, &mut s).await?;
+        self.reminders(now, &mut s).await?;
+        self.notices(now, &mut s).await?;
+        let d = self.deliver_mail_at(now).await?;
+        s.mail_sent = d.sent;
+        s.mail_failed = d.failed;
+        tracing::info!(
+            now = %now,
+            instance = %self.instance,
+            renewed = s.renewed,
+            declined = s.declined,
+            retry_scheduled = s.retry_scheduled,
+            expired = s.expired,
+            reminders = s.reminders,
+            notices = s.notices,
+            invoices_issued = s.invoices_issued,
+            unknown = s.unknown,
+            mail_sent = s.mail_sent,
+            errors = s.errors,
+            "sweep finished"
+        );
+        Ok(s)
+    }
+
+    async fn renewals(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
+        self.store.open_due_renewals(now).await?;
+        loop {
+            let claim = self.new_claim(now);
+            let ids = self
+                .store
+                .claim_renewals(now, &claim, self.config.raw.renewal.batch_size)
+                .await?;
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let results: Vec<_> = stream::iter(ids)
+                .map(|id| {
+                    let lease = Lease {
+                        renewal_id: id,
+                        token: claim.token.clone(),
+                    };
+                    async move { (id, self.process(&lease, now).await) }
+                })
+                .buffer_unordered(self.config.raw.renewal.concurrency)
+                .collect()
+                .await;
+            for (id, r) in results {
+                match r {
+                    Ok(Outcome::Renewed(_)) => {
+                        s.renewed += 1;
+                        s.invoices_issued += 1;
+                    }
+                    Ok(Outcome::Declined { retry_at, .. }) => {
+                        s.declined += 1;
+                        if retry_at.is_some() {
+                            s.retry_scheduled += 1;
+                        }
+                    }
+                    Ok(Outcome::Expired) => {
+                        s.declined += 1;
+                        s.expired += 1;
+                    }
+                    Ok(Outcome::Unknown) => s.unknown += 1,
+                    Ok(Outcome::Skipped(_)) => s.skipped += 1,
+                    Err(e) => {
+                        // The lease stays until it expires, so this renewal is
+                        // not retried in a tight loop; the next sweep after the
+                        // lease runs out takes it up again.
+                        s.errors += 1;
+                        tracing::error!(renewal_id = id, error = %e, "renewal failed; will be taken up again when its lease expires");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscriptions whose period ended with auto-renewal off (and with no
+    /// renewal in progress) expire.
+    async fn expiries(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
+        let mut after = 0;
+        loop {
+            let batch = self
+                .store
+                .scan(&Scan {
+                    statuses: vec![Status::Active, Status::PastDue],
+                    auto_renew: Some(false),
+                    card_only: false,
+                    ends_after: None,
+                    ends_at_or_before: now,
+                    without_open_renewal: true,
+                    after_id: after,
+                    limit: SCAN_BATCH,
+                })
+                .await?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            after = last.0.id;
+            for (sub, customer) in &batch {
+                match self.expire(sub, customer, now).await {
+                    Ok(()) => s.expired += 1,
+                    Err(e) => {
+                        s.errors += 1;
+                        tracing::error!(subscription_id = sub.id, error = %e, "cannot expire subscription");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn expire(
+        &self,
+        sub: &Subscription,
+        customer: &Customer,
+        now: Timestamp,
+    ) -> EngineResult<()> {
+        let status = sub
+            .status
+            .on(SubEvent::Expire)
+            .map_err(|e| super::EngineError::Internal(e.to_string()))?;
+        let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
+        self.store
+            .apply(
+                Change {
+                    subscription: Some(SubscriptionPatch {
+                        id: sub.id,
+                        expect_status: vec![sub.status],
+                        expect_period_end: Some(sub.current_period_end),
+                        status: Some(status),
+                        ..Default::default()
+                    }),
+                    mails: vec![self.new_mail(
+                        sub,
+                        customer,
+                        MailKind::Expired,
+                        period_key,
+                        0,
+                        self.mail_context(sub, customer),
+                    )],
+                    events: vec![NewEvent {
+                        outcome: Some("period_ended".into()),
+                        ..NewEvent::new("subscription.expired", sub)
+                    }],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::info!(
+            subscription_id = sub.id,
+            customer_id = sub.customer_id,
+            period_end = ?sub.current_period_end.map(|t| t.to_string()),
+            outcome = "expired",
+            "subscription expired: auto-renewal was off"
+        );
+        Ok(())
+    }
+
+    fn new_mail(
+        &self,
+        sub: &Subscription,
+        customer: &Customer,
+        kind: MailKind,
+        period_key: i64,
+        offset_key: i64,
+        context: serde_json::Value,
+    ) -> NewMail {
+        NewMail {
+            subscription_id: sub.id,
+            customer_id: sub.customer_id,
+            kind,
+            period_key,
+            offset_key,
+            recipient: customer.email.clone(),
+            locale: customer.locale.clone(),
+            context,
+        }
+    }
+
+    /// Scans active subscriptions whose period ends within `days` (plus a
+    /// day of slack for DST) and hands each to `f`.
+    async fn scan_ending_within(
+        &self,
+        now: Timestamp,
+        days: u32,
+        auto_renew: bool,
+        mut f: impl FnMut(&Subscription, &Customer) -> Vec<(MailKind, i64, serde_json::Value)>,
+    ) -> EngineResult<(u32, u32)> {
+        let horizon = now
+            .saturating_add(SignedDuration::from_hours(24 * (i64::from(days) + 1)))
+            .unwrap_or(now);
+        let (mut queued, mut errors, mut after) = (0, 0, 0);
+        loop {
+            let batch = self
+                .store
+                .scan(&Scan {
+                    statuses: vec![Status::Active],
+                    auto_renew: Some(auto_renew),
+                    card_only: auto_renew,
+                    ends_after: Some(now),
+                    ends_at_or_before: horizon,
+                    without_open_renewal: false,
+                    after_id: after,
+                    limit: SCAN_BATCH,
+                })
+                .await?;
+            let Some(last) = batch.last() else {
+                return Ok((queued, errors));
+            };
+            after = last.0.id;
+            for (sub, customer) in &batch {
+                for (kind, offset, ctx) in f(sub, customer) {
+                    let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
+                    let change = Change {
+                        mails: vec![self.new_mail(sub, customer, kind, period_key, offset, ctx)],
+                        events: vec![NewEvent {
+                            outcome: Some("queued".into()),
+                            detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
+                            ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
+                        }],
+                        only_if_mail_is_new: true,
+                        ..Default::default()
+                    };
+                    match self.store.apply(change, now).await {
+                        Ok(a) if a.applied => {
+                            queued += 1;
+                            tracing::info!(
+                                subscription_id = sub.id,
+                                customer_id = sub.customer_id,
+                                period_end = ?sub.current_period_end.map(|t| t.to_string()),
+                                mail_kind = kind.as_str(),
+                                offset_days = offset,
+                                outcome = "queued",
+                                "notice queued"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            errors += 1;
+                            tracing::error!(subscription_id = sub.id, error = %e, "cannot queue notice");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reminders(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
+        let offsets = self.config.raw.renewal.reminder_offsets_days.clone();
+        let max = offsets.iter().copied().max().unwrap_or(0);
+        let (queued, errors) = self
+            .scan_ending_within(now, max, false, |sub, customer| {
+                let Some(end) = sub.current_period_end else {
+                    return vec![];
+                };
+                let tz = self.zone_of(customer);
+                match reminder::due_reminder(end, &offsets, now, &tz) {
+                    Some(days) => {
+                        let mut ctx = self.mail_context(sub, customer);
+                        let left = (end.as_second() - now.as_second()).div_euclid(86_400) + 1;
+                        ctx["days_left"] = json!(left.min(i64::from(days)));
+                        vec![(MailKind::RenewalReminder, i64::from(days), ctx)]
+                    }
+                    None => vec![],
+                }
+            })
+            .await?;
+        s.reminders += queued;
+        s.errors += errors;
+        Ok(())
+    }
+
+    /// The upcoming-renewal notice, and the card-expiring warning when the
+    /// stored card ends before the renewal date.
+    async fn notices(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
+        let days = self.config.raw.renewal.upcoming_notice_days;
+        let (queued, errors) = self
+            .scan_ending_within(now, days, true, |sub, customer| {
+                let Some(end) = sub.current_period_end else {
+                    return vec![];
+                };
+                let tz = self.zone_of(customer);
+                if !reminder::notice_due(end, days, now, &tz) {
+                    return vec![];
+                }
+                let ctx = self.mail_context(sub, customer);
+                let mut out = vec![(MailKind::UpcomingRenewal, i64::from(days), ctx.clone())];
+                if let PaymentMethod::Card {
+                    expiry: Some(expiry),
+                    ..
+                } = &sub.payment
+                {
+                    if let Ok(exp) = CardExpiry::parse(expiry) {
+                        if exp.last_valid_day() < end.to_zoned(tz.clone()).date() {
+                            let mut c = ctx;
+                            c["card_expiry"] = json!(exp.to_string());
+                            out.push((MailKind::CardExpiring, 0, c));
+                        }
+                    }
+                }
+                out
+            })
+            .await?;
+        s.notices += queued;
+        s.errors += errors;
+        Ok(())
+    }
+
+    /// What a sweep at `now` would do, without writing anything.
+    pub async fn plan_at(&self, now: Timestamp) -> EngineResult<SweepPlan> {
+        let mut actions = Vec::new();
+        let new_due = self
+            .store
+            .scan(&Scan {
+                statuses: vec![Status::Active],
+                auto_renew: Some(true),
+                card_only: true,
+                ends_after: None,
+                ends_at_or_before: now,
+                without_open_renewal: true,
+                after_id: 0,
+                limit: u32::MAX,
+            })
+            .await?;
+        for (sub, _) in new_due.iter().filter(|(s, _)| !s.cancel_at_period_end) {
+            actions.push(PlannedAction {
+                subscription_id: sub.id,
+                action: "charge".into(),
+                detail: format!(
+                    "renew term {} ending {}",
+                    sub.term + 1,
+                    fmt_opt(sub.current_period_end)
+                ),
+            });
+        }
+        for w in self.store.due_renewals(now).await? {
+            let open = w.last_attempt.as_ref().is_some_and(|a| a.status.is_open());
+            actions.push(PlannedAction {
+                subscription_id: w.subscription.id,
+                action: if open {
+                    "reconcile"
+                } else if w.renewal.attempt_count > 0 {
+                    "retry"
+                } else {
+                    "charge"
+                }
+                .into(),
+                detail: format!(
+                    "renewal {} ({}), attempt {}",
+                    w.renewal.id,
+                    w.renewal.status.as_str(),
+                    w.renewal.attempt_count + 1
+                ),
+            });
+        }
+        let expiring = self
+            .store
+            .scan(&Scan {
+                statuses: vec![Status::Active, Status::PastDue],
+                auto_renew: Some(false),
+                card_only: false,
+                ends_after: None,
+                ends_at_or_before: now,
+                without_open_renewal: true,
+                after_id: 0,
+                limit: u32::MAX,
+            })
+            .await?;
+        for (sub, _) in &expiring {
+            actions.push(PlannedAction {
+                subscription_id: sub.id,
+                action: "expire".into(),
+                detail: format!("period ended {}", fmt_opt(sub.current_period_end)),
+            });
+        }
+        let offsets = &self.config.raw.renewal.reminder_offsets_days;
+        let max = offsets.iter().copied().max().unwrap_or(0);
+        let horizon = now
+            .saturating_add(SignedDuration::from_hours(24 * (i64::from(max) + 1)))
+            .unwrap_or(now);
+        let candidates = self
+            .store
+            .scan(&Scan {
+                statuses: vec![Status::Active],
+                auto_renew: Some(false),
+                card_only: false,
+                ends_after: Some(now),
+                ends_at_or_before: horizon,
+                without_open_renewal: false,
+                after_id: 0,
+                limit: u32::MAX,
+            })
+            .await?;
+        for (sub, customer) in &candidates {
+            let Some(end) = sub.current_period_end else {
+                continue;
+            };
+            if let Some(days) = reminder::due_reminder(end, offsets, now, &self.zone_of(customer)) {
+                let sent = self
+                    .store
+                    .list_mail(&crate::store::MailFilter {
+                        status: None,
+                        subscription_id: Some(sub.id),
+                    })
+                    .await?
+                    .iter()
+                    .any(|m| {
+                        m.kind == MailKind::RenewalReminder
+                            && m.period_key == end.as_second()
+                            && m.offset_key == i64::from(days)
+                    });
+                if !sent {
+                    actions.push(PlannedAction {
+                        subscription_id: sub.id,
+                        action: "remind".into(),
+                        detail: format!("{days}-day reminder before {end}"),
+                    });
+                }
+            }
+        }
+        let mail_queued = self
+            .store
+            .list_mail(&crate::store::MailFilter {
+                status: Some("queued".into()),
+                subscription_id: None,
+            })
+            .await?
+            .len();
+        Ok(SweepPlan {
+            now: now.to_string(),
+            actions,
+            mail_queued,
+        })
+    }
+}
+
+fn fmt_opt(t: Option<Timestamp>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}

@@ -1,0 +1,385 @@
+//! The sandbox gateway: the default processor of the embedded setup.
+//!
+//! It keeps its own ledger in a separate SQLite file, as an outside
+//! processor would, so a charge it took survives a crash of renewd. It
+//! honours idempotency keys like Stripe (a repeated key returns the stored
+//! result; a repeated key with different parameters is refused), stamps each
+//! charge with the clock's instant, and understands Stripe's test tokens.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::Mutex;
+
+use super::{CardDetails, Charge, ChargeRequest, GatewayError, Lookup, PaymentGateway};
+use crate::clock::SharedClock;
+
+/// Stripe's test payment methods and how the sandbox answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TestCard {
+    Succeeds {
+        brand: &'static str,
+        last4: &'static str,
+    },
+    Hard {
+        code: &'static str,
+        last4: &'static str,
+    },
+    Soft {
+        code: &'static str,
+        last4: &'static str,
+    },
+}
+
+fn test_card(token: &str) -> Option<TestCard> {
+    use TestCard::*;
+    Some(match token {
+        "pm_card_visa" => Succeeds {
+            brand: "visa",
+            last4: "4242",
+        },
+        "pm_card_visa_debit" => Succeeds {
+            brand: "visa",
+            last4: "5556",
+        },
+        "pm_card_mastercard" => Succeeds {
+            brand: "mastercard",
+            last4: "4444",
+        },
+        "pm_card_amex" => Succeeds {
+            brand: "amex",
+            last4: "8431",
+        },
+        "pm_card_jcb" => Succeeds {
+            brand: "jcb",
+            last4: "0505",
+        },
+        "pm_card_chargeDeclined" => Hard {
+            code: "card_declined",
+            last4: "0002",
+        },
+        "pm_card_chargeDeclinedExpiredCard" => Hard {
+            code: "expired_card",
+            last4: "0069",
+        },
+        "pm_card_chargeDeclinedFraudulent" => Hard {
+            code: "fraudulent",
+            last4: "0019",
+        },
+        "pm_card_chargeDeclinedInsufficientFunds" => Soft {
+            code: "insufficient_funds",
+            last4: "9995",
+        },
+        "pm_card_chargeDeclinedProcessingError" => Soft {
+            code: "processing_error",
+            last4: "0119",
+        },
+        _ => return None,
+    })
+}
+
+/// One row of the sandbox's ledger.
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerCharge {
+    pub id: String,
+    pub idempotency_key: String,
+    pub payment_method: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub outcome: String,
+    pub decline_code: Option<String>,
+    pub created_at: Timestamp,
+}
+
+pub struct SandboxGateway {
+    pool: SqlitePool,
+    clock: SharedClock,
+    latency: Duration,
+    write: Mutex<()>,
+}
+
+impl SandboxGateway {
+    pub async fn open(
+        ledger: &Path,
+        clock: SharedClock,
+        latency: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        if let Some(parent) = ledger.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+            }
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", ledger.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS charges (
+                seq             INTEGER PRIMARY KEY,
+                id              TEXT    NOT NULL UNIQUE,
+                idempotency_key TEXT    NOT NULL UNIQUE,
+                payment_method  TEXT    NOT NULL,
+                amount_minor    INTEGER NOT NULL,
+                currency        TEXT    NOT NULL,
+                outcome         TEXT    NOT NULL,
+                decline_kind    TEXT,
+                decline_code    TEXT,
+                created_at      INTEGER NOT NULL
+            )",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(SandboxGateway {
+            pool,
+            clock,
+            latency,
+            write: Mutex::new(()),
+        })
+    }
+
+    /// The whole ledger, oldest first.
+    pub async fn charges(&self) -> Result<Vec<LedgerCharge>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM charges ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LedgerCharge {
+                    id: r.try_get("id")?,
+                    idempotency_key: r.try_get("idempotency_key")?,
+                    payment_method: r.try_get("payment_method")?,
+                    amount_minor: r.try_get("amount_minor")?,
+                    currency: r.try_get("currency")?,
+                    outcome: r.try_get("outcome")?,
+                    decline_code: r.try_get("decline_code")?,
+                    created_at: Timestamp::from_second(r.try_get("created_at")?)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delay(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+
+    fn stored_result(
+        row: &sqlx::sqlite::SqliteRow,
+    ) -> Result<Result<Charge, GatewayError>, sqlx::Error> {
+        let outcome: String = row.try_get("outcome")?;
+        let code: Option<String> = row.try_get("decline_code")?;
+        let kind: Option<String> = row.try_get("decline_kind")?;
+        let code = code.unwrap_or_default();
+        Ok(match (outcome.as_str(), kind.as_deref()) {
+            ("succeeded", _) => Ok(Charge {
+                reference: row.try_get("id")?,
+            }),
+            (_, Some("soft")) => Err(GatewayError::SoftDecline {
+                message: decline_message(&code).into(),
+                code,
+            }),
+            _ => Err(GatewayError::HardDecline {
+                message: decline_message(&code).into(),
+                code,
+            }),
+        })
+    }
+}
+
+fn decline_message(code: &str) -> &'static str {
+    match code {
+        "insufficient_funds" => "The card has insufficient funds.",
+        "expired_card" => "The card has expired.",
+        "processing_error" => "An error occurred while processing the card.",
+        "fraudulent" => "The card was declined.",
+        "resource_missing" => "No such payment method.",
+        _ => "The card was declined.",
+    }
+}
+
+fn infra(e: sqlx::Error) -> GatewayError {
+    GatewayError::Unknown(format!("sandbox ledger: {e}"))
+}
+
+#[async_trait]
+impl PaymentGateway for SandboxGateway {
+    async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
+        self.delay().await;
+        let _guard = self.write.lock().await;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(infra)?;
+        let existing = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
+            .bind(&req.idempotency_key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(infra)?;
+        if let Some(row) = existing {
+            let same = row.try_get::<String, _>("payment_method").map_err(infra)?
+                == req.payment_method
+                && row.try_get::<i64, _>("amount_minor").map_err(infra)? == req.amount.amount_minor
+                && row.try_get::<String, _>("currency").map_err(infra)?
+                    == req.amount.currency.code();
+            if !same {
+                // Stripe answers 400 idempotency_error; nothing was charged by this request.
+                return Err(GatewayError::HardDecline {
+                    code: "idempotency_error".into(),
+                    message: "Keys for idempotent requests can only be used with the same parameters they were first used with.".into(),
+                });
+            }
+            return Self::stored_result(&row).map_err(infra)?;
+        }
+        let (outcome, kind, code) = match test_card(&req.payment_method) {
+            Some(TestCard::Succeeds { .. }) => ("succeeded", None, None),
+            Some(TestCard::Hard { code, .. }) => ("declined", Some("hard"), Some(code)),
+            Some(TestCard::Soft { code, .. }) => ("declined", Some("soft"), Some(code)),
+            None => ("declined", Some("hard"), Some("resource_missing")),
+        };
+        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM charges")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(infra)?;
+        let id = format!("ch_sandbox_{seq:08}");
+        let row = sqlx::query(
+            "INSERT INTO charges (seq, id, idempotency_key, payment_method, amount_minor, currency, outcome, \
+             decline_kind, decline_code, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(seq)
+        .bind(&id)
+        .bind(&req.idempotency_key)
+        .bind(&req.payment_method)
+        .bind(req.amount.amount_minor)
+        .bind(req.amount.currency.code())
+        .bind(outcome)
+        .bind(kind)
+        .bind(code)
+        .bind(self.clock.now().as_second())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(infra)?;
+        tx.commit().await.map_err(infra)?;
+        Self::stored_result(&row).map_err(infra)?
+    }
+
+    async fn lookup(&self, idempotency_key: &str) -> Result<Lookup, GatewayError> {
+        self.delay().await;
+        let row = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
+            .bind(idempotency_key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(infra)?;
+        Ok(match row {
+            None => Lookup::NotFound,
+            Some(row) => match Self::stored_result(&row).map_err(infra)? {
+                Ok(charge) => Lookup::Charged(charge),
+                Err(decline) => Lookup::Declined(decline),
+            },
+        })
+    }
+
+    async fn card_details(&self, payment_method: &str) -> Result<CardDetails, GatewayError> {
+        match test_card(payment_method) {
+            Some(TestCard::Succeeds { brand, last4 }) => Ok(CardDetails {
+                brand: brand.into(),
+                last4: last4.into(),
+            }),
+            Some(TestCard::Hard { last4, .. } | TestCard::Soft { last4, .. }) => Ok(CardDetails {
+                brand: "visa".into(),
+                last4: last4.into(),
+            }),
+            None => Err(GatewayError::HardDecline {
+                code: "resource_missing".into(),
+                message: format!(
+                    "No such payment method `{payment_method}`; the sandbox knows Stripe's test tokens such as pm_card_visa"
+                ),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::MockClock;
+    use crate::domain::{Currency, Money};
+    use std::sync::Arc;
+
+    async fn sandbox(dir: &tempfile::TempDir) -> SandboxGateway {
+        let clock = Arc::new(MockClock::new("2027-01-01T00:00:00Z".parse().unwrap()));
+        SandboxGateway::open(&dir.path().join("ledger.db"), clock, Duration::ZERO)
+            .await
+            .unwrap()
+    }
+
+    fn req(key: &str, pm: &str, amount: i64) -> ChargeRequest {
+        ChargeRequest {
+            idempotency_key: key.into(),
+            payment_method: pm.into(),
+            amount: Money::new(amount, Currency::parse("JPY").unwrap()),
+            description: "test".into(),
+            attempt_id: 1,
+            subscription_id: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeated_key_returns_the_first_result_and_charges_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = sandbox(&dir).await;
+        let first = gw.charge(&req("k1", "pm_card_visa", 100)).await.unwrap();
+        let second = gw.charge(&req("k1", "pm_card_visa", 100)).await.unwrap();
+        assert_eq!(first, second);
+        assert_eq!(gw.charges().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_key_with_other_parameters_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = sandbox(&dir).await;
+        gw.charge(&req("k1", "pm_card_visa", 100)).await.unwrap();
+        let err = gw
+            .charge(&req("k1", "pm_card_visa", 200))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "idempotency_error");
+        assert_eq!(gw.charges().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn test_tokens_decline_as_stripe_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = sandbox(&dir).await;
+        let hard = gw
+            .charge(&req("a", "pm_card_chargeDeclined", 100))
+            .await
+            .unwrap_err();
+        assert_eq!(hard.decline_kind(), Some("hard"));
+        let soft = gw
+            .charge(&req("b", "pm_card_chargeDeclinedInsufficientFunds", 100))
+            .await
+            .unwrap_err();
+        assert_eq!(soft.decline_kind(), Some("soft"));
+        let expired = gw
+            .charge(&req("c", "pm_card_chargeDeclinedExpiredCard", 100))
+            .await
+            .unwrap_err();
+        assert_eq!(expired.code(), "expired_card");
+        assert_eq!(gw.lookup("b").await.unwrap(), Lookup::Declined(soft));
+        assert_eq!(gw.lookup("never-sent").await.unwrap(), Lookup::NotFound);
+    }
+}

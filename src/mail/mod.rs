@@ -1,0 +1,142 @@
+//! Mail: the kinds of message renewd sends, their rendering, and the
+//! transports that deliver them.
+//!
+//! Mail is never sent from inside a business transaction. The engine writes
+//! an outbox row (kind, recipient, locale and a context snapshot) in the
+//! transaction that caused it; a sender later claims the row, renders it and
+//! hands it to a transport. A message's `Message-ID` derives from its outbox
+//! row, so a receiver can drop the rare duplicate.
+
+pub mod file;
+pub mod templates;
+
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use lettre::message::{Mailbox, MultiPart};
+use lettre::Message;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailKind {
+    OrderConfirmation,
+    Receipt,
+    RenewalReminder,
+    UpcomingRenewal,
+    CardExpiring,
+    PaymentFailed,
+    InvoiceIssued,
+    Expired,
+    Cancelled,
+}
+
+impl MailKind {
+    pub const ALL: [MailKind; 9] = [
+        MailKind::OrderConfirmation,
+        MailKind::Receipt,
+        MailKind::RenewalReminder,
+        MailKind::UpcomingRenewal,
+        MailKind::CardExpiring,
+        MailKind::PaymentFailed,
+        MailKind::InvoiceIssued,
+        MailKind::Expired,
+        MailKind::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailKind::OrderConfirmation => "order_confirmation",
+            MailKind::Receipt => "receipt",
+            MailKind::RenewalReminder => "renewal_reminder",
+            MailKind::UpcomingRenewal => "upcoming_renewal",
+            MailKind::CardExpiring => "card_expiring",
+            MailKind::PaymentFailed => "payment_failed",
+            MailKind::InvoiceIssued => "invoice_issued",
+            MailKind::Expired => "expired",
+            MailKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for MailKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MailKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MailKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown mail kind `{s}`"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    /// Worth retrying: the server is down, a timeout, a 4xx reply.
+    #[error("temporary delivery failure: {0}")]
+    Transient(String),
+    /// Retrying will not help: the recipient was rejected (5xx).
+    #[error("permanent delivery failure: {0}")]
+    Permanent(String),
+    #[error("cannot build message: {0}")]
+    Build(String),
+}
+
+/// A rendered message ready for a transport.
+#[derive(Debug, Clone)]
+pub struct OutgoingMail {
+    pub outbox_id: i64,
+    pub kind: MailKind,
+    pub message: Message,
+}
+
+#[async_trait]
+pub trait MailTransport: Send + Sync {
+    async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError>;
+}
+
+/// Parses `Name <address>` or a bare address into a mailbox.
+pub fn parse_mailbox(s: &str) -> Option<Mailbox> {
+    s.parse::<Mailbox>().ok()
+}
+
+/// The deterministic Message-ID of an outbox row.
+pub fn message_id(outbox_id: i64, kind: MailKind, from: &Mailbox) -> String {
+    format!(
+        "<renewd.{outbox_id}.{}@{}>",
+        kind.as_str(),
+        from.email.domain()
+    )
+}
+
+/// Builds the MIME message (plain text and HTML alternatives) for one row.
+pub fn build_message(
+    outbox_id: i64,
+    kind: MailKind,
+    from: &Mailbox,
+    to: &str,
+    rendered: &templates::Rendered,
+    date: Timestamp,
+) -> Result<Message, MailError> {
+    let to: Mailbox = to
+        .parse()
+        .map_err(|e| MailError::Permanent(format!("invalid recipient: {e}")))?;
+    Message::builder()
+        .from(from.clone())
+        .to(to)
+        .subject(rendered.subject.clone())
+        .message_id(Some(message_id(outbox_id, kind, from)))
+        .date(std::time::SystemTime::from(date))
+        .multipart(MultiPart::alternative_plain_html(
+            rendered.text.clone(),
+            rendered.html.clone(),
+        ))
+        .map_err(|e| MailError::Build(e.to_string()))
+}

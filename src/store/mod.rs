@@ -1,0 +1,561 @@
+//! Persistence behind one trait, so the engine never knows which database
+//! it talks to. `sqlite` is the embedded default; a PostgreSQL adapter
+//! implements the same trait.
+//!
+//! State changes go through [`Store::apply`]: the engine decides (with the
+//! domain) what must change and hands the store one [`Change`], which the
+//! store writes in a single transaction or not at all. When the change
+//! carries a [`Lease`], the store first checks that the lease is still
+//! held, so a worker whose claim was taken over cannot write.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use jiff::civil::Date;
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::domain::invoice::InvoiceAmounts;
+use crate::domain::{AutoRenew, Status};
+use crate::mail::MailKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The lease on a renewal was taken over by another worker.
+    #[error("lease on renewal {0} is no longer held")]
+    LeaseLost(i64),
+    /// A guarded update found the row changed since it was read.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database schema is at version {found}, newer than this renewd knows ({known}); run the newer renewd or restore the database")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Customer {
+    pub id: i64,
+    pub name: String,
+    pub email: String,
+    pub timezone: String,
+    pub locale: String,
+    pub country: String,
+    pub currency: String,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCustomer {
+    pub name: String,
+    pub email: String,
+    pub timezone: String,
+    pub locale: String,
+    pub country: String,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PaymentMethod {
+    Card {
+        /// The gateway's token for the stored card (`pm_...`), never a number.
+        token: String,
+        brand: String,
+        last4: String,
+        expiry: Option<String>,
+    },
+    BankTransfer {
+        contact_name: String,
+        contact_phone: String,
+        contact_email: String,
+    },
+}
+
+impl PaymentMethod {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PaymentMethod::Card { .. } => "card",
+            PaymentMethod::BankTransfer { .. } => "bank_transfer",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: i64,
+    pub customer_id: i64,
+    pub plan: String,
+    pub status: Status,
+    pub auto_renew: AutoRenew,
+    pub anchor_date: Option<Date>,
+    /// n such that the current period ends on anchor + n years.
+    pub term: i64,
+    pub current_period_start: Option<Timestamp>,
+    pub current_period_end: Option<Timestamp>,
+    pub payment: PaymentMethod,
+    pub terms_acceptance_id: Option<i64>,
+    pub cancel_at_period_end: bool,
+    pub cancelled_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPurchase {
+    pub customer_id: i64,
+    pub plan: String,
+    pub payment: PaymentMethod,
+    pub terms_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RenewalKind {
+    Purchase,
+    Auto,
+    Manual,
+}
+
+impl RenewalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RenewalKind::Purchase => "purchase",
+            RenewalKind::Auto => "auto",
+            RenewalKind::Manual => "manual",
+        }
+    }
+}
+
+/// Where the payment of one period stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RenewalStatus {
+    /// Due; no attempt outcome yet.
+    Pending,
+    /// A soft decline; the next attempt is scheduled.
+    Retrying,
+    /// A hard decline; waits for a new card until the grace period ends.
+    ActionRequired,
+    Succeeded,
+    /// Retries or grace ran out; the subscription expired.
+    Failed,
+    /// No charge was due after all (cancelled, renewed otherwise, auto-renew off).
+    Skipped,
+}
+
+impl RenewalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RenewalStatus::Pending => "pending",
+            RenewalStatus::Retrying => "retrying",
+            RenewalStatus::ActionRequired => "action_required",
+            RenewalStatus::Succeeded => "succeeded",
+            RenewalStatus::Failed => "failed",
+            RenewalStatus::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> StoreResult<Self> {
+        Ok(match s {
+            "pending" => RenewalStatus::Pending,
+            "retrying" => RenewalStatus::Retrying,
+            "action_required" => RenewalStatus::ActionRequired,
+            "succeeded" => RenewalStatus::Succeeded,
+            "failed" => RenewalStatus::Failed,
+            "skipped" => RenewalStatus::Skipped,
+            other => return Err(StoreError::Corrupt(format!("renewal status {other}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    pub id: i64,
+    pub subscription_id: i64,
+    pub kind: RenewalKind,
+    pub period_start: Timestamp,
+    pub term: i64,
+    pub status: RenewalStatus,
+    pub attempt_count: i64,
+    pub first_attempt_at: Option<Timestamp>,
+    pub next_attempt_at: Option<Timestamp>,
+    pub terms_acceptance_id: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptStatus {
+    /// Committed before the gateway call; no answer recorded yet.
+    Pending,
+    Succeeded,
+    Declined,
+    /// The call was made but its outcome is not known: reconcile, never resend with a new key.
+    Unknown,
+    /// Reconciliation confirmed the gateway never charged this key.
+    NotCharged,
+}
+
+impl AttemptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Pending => "pending",
+            AttemptStatus::Succeeded => "succeeded",
+            AttemptStatus::Declined => "declined",
+            AttemptStatus::Unknown => "unknown",
+            AttemptStatus::NotCharged => "not_charged",
+        }
+    }
+
+    pub fn parse(s: &str) -> StoreResult<Self> {
+        Ok(match s {
+            "pending" => AttemptStatus::Pending,
+            "succeeded" => AttemptStatus::Succeeded,
+            "declined" => AttemptStatus::Declined,
+            "unknown" => AttemptStatus::Unknown,
+            "not_charged" => AttemptStatus::NotCharged,
+            other => return Err(StoreError::Corrupt(format!("attempt status {other}"))),
+        })
+    }
+
+    /// An attempt whose outcome must be learnt from the gateway before
+    /// anything else happens to its subscription.
+    pub fn is_open(self) -> bool {
+        matches!(self, AttemptStatus::Pending | AttemptStatus::Unknown)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub id: i64,
+    pub renewal_id: i64,
+    pub attempt_no: i64,
+    pub idempotency_key: String,
+    pub payment_method: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub invoice_draft: InvoiceAmounts,
+    pub status: AttemptStatus,
+    pub reconcile_count: i64,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAttempt {
+    pub idempotency_key: String,
+    pub payment_method: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub invoice_draft: InvoiceAmounts,
+}
+
+/// Everything the engine needs to work on one claimed renewal.
+#[derive(Debug, Clone)]
+pub struct RenewalWork {
+    pub renewal: Renewal,
+    pub subscription: Subscription,
+    pub customer: Customer,
+    pub last_attempt: Option<Attempt>,
+}
+
+/// A claim on a renewal: only its holder may write to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub renewal_id: i64,
+    pub token: String,
+}
+
+/// The parameters of a new claim.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub token: String,
+    pub owner: String,
+    pub expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Invoice {
+    pub number: String,
+    pub subscription_id: i64,
+    pub customer_id: i64,
+    pub status: String,
+    pub currency: String,
+    pub subtotal_minor: i64,
+    pub tax_minor: i64,
+    pub total_minor: i64,
+    pub issued_at: Timestamp,
+    pub due_at: Option<Timestamp>,
+    pub paid_at: Option<Timestamp>,
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    pub payment_kind: String,
+    pub payment_reference: Option<String>,
+    /// Snapshot of seller, buyer, lines, taxes and payment method at issue.
+    pub document: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewInvoice {
+    /// e.g. `INV-2027`; the store appends the next number of the series.
+    pub series: String,
+    pub digits: u8,
+    pub subscription_id: i64,
+    pub customer_id: i64,
+    pub renewal_id: Option<i64>,
+    pub attempt_id: Option<i64>,
+    pub status: String,
+    pub amounts: InvoiceAmounts,
+    pub issued_at: Timestamp,
+    pub due_at: Option<Timestamp>,
+    pub paid_at: Option<Timestamp>,
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    pub payment_kind: String,
+    pub payment_reference: Option<String>,
+    pub document: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mail {
+    pub id: i64,
+    pub subscription_id: i64,
+    pub customer_id: i64,
+    pub kind: MailKind,
+    pub period_key: i64,
+    pub offset_key: i64,
+    pub recipient: String,
+    pub locale: String,
+    pub invoice_number: Option<String>,
+    pub context: serde_json::Value,
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub created_at: Timestamp,
+    pub sent_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewMail {
+    pub subscription_id: i64,
+    pub customer_id: i64,
+    pub kind: MailKind,
+    /// The period the mail belongs to (its end, unix seconds); with `kind`
+    /// and `offset_key` it makes the mail unique.
+    pub period_key: i64,
+    pub offset_key: i64,
+    pub recipient: String,
+    pub locale: String,
+    pub context: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: i64,
+    pub at: Timestamp,
+    pub kind: String,
+    pub subscription_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub invoice_number: Option<String>,
+    pub amount_minor: Option<i64>,
+    pub currency: Option<String>,
+    pub period_end: Option<Timestamp>,
+    pub idempotency_key: Option<String>,
+    pub outcome: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewEvent {
+    pub kind: String,
+    pub subscription_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub amount_minor: Option<i64>,
+    pub currency: Option<String>,
+    pub period_end: Option<Timestamp>,
+    pub idempotency_key: Option<String>,
+    pub outcome: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn new(kind: &str, sub: &Subscription) -> Self {
+        NewEvent {
+            kind: kind.to_string(),
+            subscription_id: Some(sub.id),
+            customer_id: Some(sub.customer_id),
+            period_end: sub.current_period_end,
+            detail: serde_json::Value::Null,
+            ..Default::default()
+        }
+    }
+}
+
+/// The new period of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period {
+    pub anchor_date: Date,
+    pub term: i64,
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+/// A guarded update of one subscription: it applies only while the row
+/// still matches the guard.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionPatch {
+    pub id: i64,
+    /// Guard: the status must be one of these (empty: any).
+    pub expect_status: Vec<Status>,
+    /// Guard: the current period must still end here.
+    pub expect_period_end: Option<Option<Timestamp>>,
+    pub status: Option<Status>,
+    pub auto_renew: Option<AutoRenew>,
+    pub period: Option<Period>,
+    pub payment: Option<PaymentMethod>,
+    pub terms_acceptance_id: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptPatch {
+    pub id: i64,
+    pub status: AttemptStatus,
+    pub decline_kind: Option<String>,
+    pub decline_code: Option<String>,
+    pub gateway_reference: Option<String>,
+    pub reconcile_count: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RenewalPatch {
+    pub status: RenewalStatus,
+    pub next_attempt_at: Option<Timestamp>,
+    pub note: Option<String>,
+    /// Drop the lease so the next sweep may claim the renewal at once.
+    pub release: bool,
+}
+
+/// One atomic state change: all of it is written, or none.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub lease: Option<Lease>,
+    pub attempt: Option<AttemptPatch>,
+    pub renewal: Option<RenewalPatch>,
+    pub subscription: Option<SubscriptionPatch>,
+    pub invoice: Option<NewInvoice>,
+    pub mails: Vec<NewMail>,
+    pub events: Vec<NewEvent>,
+    /// The change exists to queue its mails: if every one of them is
+    /// already queued, write nothing (reminders, notices).
+    pub only_if_mail_is_new: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// False when `only_if_mail_is_new` found every mail already queued.
+    pub applied: bool,
+    pub invoice: Option<Invoice>,
+    pub mails_queued: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionFilter {
+    pub status: Option<Status>,
+    pub due_before: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MailFilter {
+    pub status: Option<String>,
+    pub subscription_id: Option<i64>,
+}
+
+/// Which subscriptions a scan looks at: those in one of `statuses` whose
+/// current period ends in `(ends_after, ends_at_or_before]`.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    pub statuses: Vec<Status>,
+    pub auto_renew: Option<bool>,
+    pub card_only: bool,
+    pub ends_after: Option<Timestamp>,
+    pub ends_at_or_before: Timestamp,
+    /// Leave out subscriptions with an open renewal: those belong to the
+    /// renewal worker that holds (or will hold) their lease.
+    pub without_open_renewal: bool,
+    pub after_id: i64,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Applies pending migrations; refuses a schema newer than this build.
+    async fn migrate(&self) -> StoreResult<()>;
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn insert_customer(&self, c: &NewCustomer, now: Timestamp) -> StoreResult<Customer>;
+    async fn customer(&self, id: i64) -> StoreResult<Option<Customer>>;
+    async fn count_customers(&self) -> StoreResult<i64>;
+
+    /// Records a purchase awaiting payment: the subscription
+    /// (`pending_payment`), the terms acceptance, and the renewal row of its
+    /// first term, already claimed with `claim` so the caller can charge it.
+    async fn insert_purchase(
+        &self,
+        p: &NewPurchase,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<(Subscription, Renewal)>;
+    async fn subscription(&self, id: i64) -> StoreResult<Option<Subscription>>;
+    async fn list_subscriptions(&self, f: &SubscriptionFilter) -> StoreResult<Vec<Subscription>>;
+    async fn scan(&self, scan: &Scan) -> StoreResult<Vec<(Subscription, Customer)>>;
+
+    /// Creates (insert-or-ignore) the renewal row of every card subscription
+    /// with auto-renewal on whose period has ended. Returns rows created.
+    async fn open_due_renewals(&self, now: Timestamp) -> StoreResult<u64>;
+    /// Claims up to `limit` due, unleased (or lease-expired) renewals.
+    async fn claim_renewals(
+        &self,
+        now: Timestamp,
+        claim: &Claim,
+        limit: u32,
+    ) -> StoreResult<Vec<i64>>;
+    /// Counts the renewals a claim at `now` would find (for `--dry-run`).
+    async fn due_renewals(&self, now: Timestamp) -> StoreResult<Vec<RenewalWork>>;
+    async fn renewal_work(&self, renewal_id: i64) -> StoreResult<Option<RenewalWork>>;
+    /// Commits a new attempt (with its idempotency key) before the gateway
+    /// is called.
+    async fn begin_attempt(
+        &self,
+        lease: &Lease,
+        a: &NewAttempt,
+        now: Timestamp,
+    ) -> StoreResult<Attempt>;
+
+    async fn apply(&self, change: Change, now: Timestamp) -> StoreResult<Applied>;
+
+    async fn claim_mail(&self, now: Timestamp, claim: &Claim, limit: u32)
+        -> StoreResult<Vec<Mail>>;
+    async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()>;
+    /// Records a failed delivery: retry at `retry_at`, or give up when `None`.
+    async fn mail_failed(
+        &self,
+        id: i64,
+        token: &str,
+        error: &str,
+        retry_at: Option<Timestamp>,
+        now: Timestamp,
+    ) -> StoreResult<()>;
+    async fn list_mail(&self, f: &MailFilter) -> StoreResult<Vec<Mail>>;
+
+    async fn invoice(&self, number: &str) -> StoreResult<Option<Invoice>>;
+    async fn list_invoices(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Invoice>>;
+
+    async fn events(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Event>>;
+    /// How many acceptances each terms version has.
+    async fn terms_acceptances(&self) -> StoreResult<Vec<(String, i64)>>;
+}

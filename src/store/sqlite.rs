@@ -1,0 +1,1104 @@
+//! The embedded SQLite store: one file, WAL mode, `synchronous = FULL`
+//! (a committed renewal survives power loss), foreign keys on.
+//!
+//! SQLite has one writer at a time. Every write transaction starts with
+//! `BEGIN IMMEDIATE` (a deferred transaction that reads and then writes can
+//! fail outright when another writer commits in between) and, inside this
+//! process, waits its turn on an async mutex instead of spinning on
+//! SQLite's busy handler.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::civil::Date;
+use jiff::Timestamp;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use tokio::sync::Mutex;
+
+use super::*;
+use crate::domain::AutoRenew;
+
+/// Migrations compiled into the binary, applied in order.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+)];
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    write: Mutex<()>,
+}
+
+type Tx<'a> = Transaction<'a, Sqlite>;
+
+pub(crate) fn secs(t: Timestamp) -> i64 {
+    t.as_second()
+}
+
+pub(crate) fn ts(s: i64) -> StoreResult<Timestamp> {
+    Timestamp::from_second(s).map_err(|e| StoreError::Corrupt(format!("instant {s}: {e}")))
+}
+
+fn opt_ts(s: Option<i64>) -> StoreResult<Option<Timestamp>> {
+    s.map(ts).transpose()
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://PATH`).
+    pub async fn open(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if let Some(parent) = Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StoreError::Database(sqlx::Error::Configuration(
+                        format!("cannot create database directory {}: {e}", parent.display())
+                            .into(),
+                    ))
+                })?;
+            }
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore {
+            pool,
+            write: Mutex::new(()),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn write_tx(&self) -> StoreResult<(tokio::sync::MutexGuard<'_, ()>, Tx<'_>)> {
+        let guard = self.write.lock().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((guard, tx))
+    }
+}
+
+const SUBSCRIPTION_COLUMNS: &str = "s.id, s.customer_id, s.plan, s.status, s.auto_renew, s.auto_renew_can_enable, \
+     s.anchor_date, s.term, s.current_period_start, s.current_period_end, s.payment_kind, s.card_token, \
+     s.card_brand, s.card_last4, s.card_expiry, s.contact_name, s.contact_phone, s.contact_email, \
+     s.terms_acceptance_id, s.cancel_at_period_end, s.cancelled_at, s.created_at, s.updated_at";
+
+const CUSTOMER_COLUMNS: &str =
+    "c.id AS c_id, c.name AS c_name, c.email AS c_email, c.timezone AS c_timezone, c.locale AS c_locale, \
+     c.country AS c_country, c.currency AS c_currency, c.created_at AS c_created_at";
+
+const RENEWAL_COLUMNS: &str = "r.id AS r_id, r.subscription_id AS r_subscription_id, r.kind AS r_kind, \
+     r.period_start AS r_period_start, r.term AS r_term, r.status AS r_status, r.attempt_count AS r_attempt_count, \
+     r.first_attempt_at AS r_first_attempt_at, r.next_attempt_at AS r_next_attempt_at, \
+     r.terms_acceptance_id AS r_terms_acceptance_id";
+
+const INVOICE_COLUMNS: &str = "number, subscription_id, customer_id, status, currency, subtotal_minor, tax_minor, \
+     total_minor, issued_at, due_at, paid_at, period_start, period_end, payment_kind, payment_reference, document";
+
+const MAIL_COLUMNS: &str =
+    "id, subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
+     invoice_number, context, status, attempts, last_error, created_at, sent_at";
+
+fn subscription_from(r: &SqliteRow) -> StoreResult<Subscription> {
+    let status: String = r.try_get("status")?;
+    let payment_kind: String = r.try_get("payment_kind")?;
+    let payment = match payment_kind.as_str() {
+        "card" => PaymentMethod::Card {
+            token: r
+                .try_get::<Option<String>, _>("card_token")?
+                .unwrap_or_default(),
+            brand: r
+                .try_get::<Option<String>, _>("card_brand")?
+                .unwrap_or_default(),
+            last4: r
+                .try_get::<Option<String>, _>("card_last4")?
+                .unwrap_or_default(),
+            expiry: r.try_get("card_expiry")?,
+        },
+        _ => PaymentMethod::BankTransfer {
+            contact_name: r
+                .try_get::<Option<String>, _>("contact_name")?
+                .unwrap_or_default(),
+            contact_phone: r
+                .try_get::<Option<String>, _>("contact_phone")?
+                .unwrap_or_default(),
+            contact_email: r
+                .try_get::<Option<String>, _>("contact_email")?
+                .unwrap_or_default(),
+        },
+    };
+    let anchor: Option<String> = r.try_get("anchor_date")?;
+    Ok(Subscription {
+        id: r.try_get("id")?,
+        customer_id: r.try_get("customer_id")?,
+        plan: r.try_get("plan")?,
+        status: status
+            .parse()
+            .map_err(|e: crate::domain::subscription::UnknownStatus| {
+                StoreError::Corrupt(e.to_string())
+            })?,
+        auto_renew: AutoRenew {
+            on: r.try_get("auto_renew")?,
+            can_enable: r.try_get("auto_renew_can_enable")?,
+        },
+        anchor_date: anchor
+            .map(|a| {
+                a.parse::<Date>()
+                    .map_err(|e| StoreError::Corrupt(format!("anchor {a}: {e}")))
+            })
+            .transpose()?,
+        term: r.try_get("term")?,
+        current_period_start: opt_ts(r.try_get("current_period_start")?)?,
+        current_period_end: opt_ts(r.try_get("current_period_end")?)?,
+        payment,
+        terms_acceptance_id: r.try_get("terms_acceptance_id")?,
+        cancel_at_period_end: r.try_get("cancel_at_period_end")?,
+        cancelled_at: opt_ts(r.try_get("cancelled_at")?)?,
+        created_at: ts(r.try_get("created_at")?)?,
+        updated_at: ts(r.try_get("updated_at")?)?,
+    })
+}
+
+fn customer_from(r: &SqliteRow, prefix: &str) -> StoreResult<Customer> {
+    let col = |c: &str| format!("{prefix}{c}");
+    Ok(Customer {
+        id: r.try_get(col("id").as_str())?,
+        name: r.try_get(col("name").as_str())?,
+        email: r.try_get(col("email").as_str())?,
+        timezone: r.try_get(col("timezone").as_str())?,
+        locale: r.try_get(col("locale").as_str())?,
+        country: r.try_get(col("country").as_str())?,
+        currency: r.try_get(col("currency").as_str())?,
+        created_at: ts(r.try_get(col("created_at").as_str())?)?,
+    })
+}
+
+fn renewal_from(r: &SqliteRow) -> StoreResult<Renewal> {
+    let kind: String = r.try_get("r_kind")?;
+    let status: String = r.try_get("r_status")?;
+    Ok(Renewal {
+        id: r.try_get("r_id")?,
+        subscription_id: r.try_get("r_subscription_id")?,
+        kind: match kind.as_str() {
+            "purchase" => RenewalKind::Purchase,
+            "manual" => RenewalKind::Manual,
+            _ => RenewalKind::Auto,
+        },
+        period_start: ts(r.try_get("r_period_start")?)?,
+        term: r.try_get("r_term")?,
+        status: RenewalStatus::parse(&status)?,
+        attempt_count: r.try_get("r_attempt_count")?,
+        first_attempt_at: opt_ts(r.try_get("r_first_attempt_at")?)?,
+        next_attempt_at: opt_ts(r.try_get("r_next_attempt_at")?)?,
+        terms_acceptance_id: r.try_get("r_terms_acceptance_id")?,
+    })
+}
+
+fn attempt_from(r: &SqliteRow) -> StoreResult<Attempt> {
+    let status: String = r.try_get("status")?;
+    let draft: String = r.try_get("invoice_draft")?;
+    Ok(Attempt {
+        id: r.try_get("id")?,
+        renewal_id: r.try_get("renewal_id")?,
+        attempt_no: r.try_get("attempt_no")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        payment_method: r.try_get("payment_method")?,
+        amount_minor: r.try_get("amount_minor")?,
+        currency: r.try_get("currency")?,
+        invoice_draft: serde_json::from_str(&draft)
+            .map_err(|e| StoreError::Corrupt(format!("invoice draft: {e}")))?,
+        status: AttemptStatus::parse(&status)?,
+        reconcile_count: r.try_get("reconcile_count")?,
+        created_at: ts(r.try_get("created_at")?)?,
+    })
+}
+
+fn invoice_from(r: &SqliteRow) -> StoreResult<Invoice> {
+    let doc: String = r.try_get("document")?;
+    Ok(Invoice {
+        number: r.try_get("number")?,
+        subscription_id: r.try_get("subscription_id")?,
+        customer_id: r.try_get("customer_id")?,
+        status: r.try_get("status")?,
+        currency: r.try_get("currency")?,
+        subtotal_minor: r.try_get("subtotal_minor")?,
+        tax_minor: r.try_get("tax_minor")?,
+        total_minor: r.try_get("total_minor")?,
+        issued_at: ts(r.try_get("issued_at")?)?,
+        due_at: opt_ts(r.try_get("due_at")?)?,
+        paid_at: opt_ts(r.try_get("paid_at")?)?,
+        period_start: ts(r.try_get("period_start")?)?,
+        period_end: ts(r.try_get("period_end")?)?,
+        payment_kind: r.try_get("payment_kind")?,
+        payment_reference: r.try_get("payment_reference")?,
+        document: serde_json::from_str(&doc)
+            .map_err(|e| StoreError::Corrupt(format!("invoice document: {e}")))?,
+    })
+}
+
+fn mail_from(r: &SqliteRow) -> StoreResult<Mail> {
+    let kind: String = r.try_get("kind")?;
+    let context: String = r.try_get("context")?;
+    Ok(Mail {
+        id: r.try_get("id")?,
+        subscription_id: r.try_get("subscription_id")?,
+        customer_id: r.try_get("customer_id")?,
+        kind: kind
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("mail kind {kind}")))?,
+        period_key: r.try_get("period_key")?,
+        offset_key: r.try_get("offset_key")?,
+        recipient: r.try_get("recipient")?,
+        locale: r.try_get("locale")?,
+        invoice_number: r.try_get("invoice_number")?,
+        context: serde_json::from_str(&context)
+            .map_err(|e| StoreError::Corrupt(format!("mail context: {e}")))?,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        last_error: r.try_get("last_error")?,
+        created_at: ts(r.try_get("created_at")?)?,
+        sent_at: opt_ts(r.try_get("sent_at")?)?,
+    })
+}
+
+async fn check_lease(tx: &mut Tx<'_>, lease: &Lease) -> StoreResult<()> {
+    let held: Option<Option<String>> =
+        sqlx::query_scalar("SELECT lease_token FROM renewals WHERE id = ?")
+            .bind(lease.renewal_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    match held {
+        Some(Some(t)) if t == lease.token => Ok(()),
+        Some(_) => Err(StoreError::LeaseLost(lease.renewal_id)),
+        None => Err(StoreError::NotFound(format!(
+            "renewal {}",
+            lease.renewal_id
+        ))),
+    }
+}
+
+async fn insert_event(
+    tx: &mut Tx<'_>,
+    e: &NewEvent,
+    invoice_number: Option<&str>,
+    now: Timestamp,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, amount_minor, currency, \
+         period_end, idempotency_key, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(secs(now))
+    .bind(&e.kind)
+    .bind(e.subscription_id)
+    .bind(e.customer_id)
+    .bind(invoice_number)
+    .bind(e.amount_minor)
+    .bind(&e.currency)
+    .bind(e.period_end.map(secs))
+    .bind(&e.idempotency_key)
+    .bind(&e.outcome)
+    .bind(e.detail.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_mail(
+    tx: &mut Tx<'_>,
+    m: &NewMail,
+    invoice_number: Option<&str>,
+    now: Timestamp,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO outbox (subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
+         invoice_number, context, status, next_attempt_at, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) \
+         ON CONFLICT (subscription_id, period_key, kind, offset_key) DO NOTHING",
+    )
+    .bind(m.subscription_id)
+    .bind(m.customer_id)
+    .bind(m.kind.as_str())
+    .bind(m.period_key)
+    .bind(m.offset_key)
+    .bind(&m.recipient)
+    .bind(&m.locale)
+    .bind(invoice_number)
+    .bind(m.context.to_string())
+    .bind(secs(now))
+    .bind(secs(now))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn insert_invoice(tx: &mut Tx<'_>, inv: &NewInvoice) -> StoreResult<String> {
+    // The counter row is written first in the transaction, so under
+    // BEGIN IMMEDIATE nobody else can take a number until we commit or roll
+    // back: numbers are gap-free and strictly increasing.
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO invoice_counters (series, last_seq) VALUES (?, 1) \
+         ON CONFLICT (series) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+    )
+    .bind(&inv.series)
+    .fetch_one(&mut **tx)
+    .await?;
+    let number = format!(
+        "{}-{:0width$}",
+        inv.series,
+        seq,
+        width = usize::from(inv.digits)
+    );
+    sqlx::query(
+        "INSERT INTO invoices (number, series, seq, subscription_id, customer_id, renewal_id, attempt_id, status, \
+         currency, subtotal_minor, tax_minor, total_minor, issued_at, due_at, paid_at, period_start, period_end, \
+         payment_kind, payment_reference, document) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&number)
+    .bind(&inv.series)
+    .bind(seq)
+    .bind(inv.subscription_id)
+    .bind(inv.customer_id)
+    .bind(inv.renewal_id)
+    .bind(inv.attempt_id)
+    .bind(&inv.status)
+    .bind(&inv.amounts.currency)
+    .bind(inv.amounts.subtotal_minor)
+    .bind(inv.amounts.tax_minor)
+    .bind(inv.amounts.total_minor)
+    .bind(secs(inv.issued_at))
+    .bind(inv.due_at.map(secs))
+    .bind(inv.paid_at.map(secs))
+    .bind(secs(inv.period_start))
+    .bind(secs(inv.period_end))
+    .bind(&inv.payment_kind)
+    .bind(&inv.payment_reference)
+    .bind(inv.document.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(number)
+}
+
+async fn patch_subscription(
+    tx: &mut Tx<'_>,
+    p: &SubscriptionPatch,
+    now: Timestamp,
+) -> StoreResult<()> {
+    let mut sets = vec!["updated_at = ?".to_string()];
+    if p.status.is_some() {
+        sets.push("status = ?".into());
+    }
+    if p.auto_renew.is_some() {
+        sets.push("auto_renew = ?, auto_renew_can_enable = ?".into());
+    }
+    if p.period.is_some() {
+        sets.push(
+            "anchor_date = ?, term = ?, current_period_start = ?, current_period_end = ?".into(),
+        );
+    }
+    if p.payment.is_some() {
+        sets.push(
+            "payment_kind = ?, card_token = ?, card_brand = ?, card_last4 = ?, card_expiry = ?, \
+             contact_name = ?, contact_phone = ?, contact_email = ?"
+                .into(),
+        );
+    }
+    if p.terms_acceptance_id.is_some() {
+        sets.push("terms_acceptance_id = ?".into());
+    }
+    let mut sql = format!("UPDATE subscriptions SET {} WHERE id = ?", sets.join(", "));
+    if !p.expect_status.is_empty() {
+        let marks = vec!["?"; p.expect_status.len()].join(", ");
+        sql.push_str(&format!(" AND status IN ({marks})"));
+    }
+    match p.expect_period_end {
+        Some(Some(_)) => sql.push_str(" AND current_period_end = ?"),
+        Some(None) => sql.push_str(" AND current_period_end IS NULL"),
+        None => {}
+    }
+    let mut q = sqlx::query(&sql).bind(secs(now));
+    if let Some(s) = p.status {
+        q = q.bind(s.as_str());
+    }
+    if let Some(a) = p.auto_renew {
+        q = q.bind(a.on).bind(a.can_enable);
+    }
+    if let Some(period) = &p.period {
+        q = q
+            .bind(period.anchor_date.to_string())
+            .bind(period.term)
+            .bind(secs(period.start))
+            .bind(secs(period.end));
+    }
+    if let Some(pm) = &p.payment {
+        q = match pm {
+            PaymentMethod::Card {
+                token,
+                brand,
+                last4,
+                expiry,
+            } => q
+                .bind("card")
+                .bind(token.clone())
+                .bind(brand.clone())
+                .bind(last4.clone())
+                .bind(expiry.clone())
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>),
+            PaymentMethod::BankTransfer {
+                contact_name,
+                contact_phone,
+                contact_email,
+            } => q
+                .bind("bank_transfer")
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(contact_name.clone())
+                .bind(contact_phone.clone())
+                .bind(contact_email.clone()),
+        };
+    }
+    if let Some(id) = p.terms_acceptance_id {
+        q = q.bind(id);
+    }
+    q = q.bind(p.id);
+    for s in &p.expect_status {
+        q = q.bind(s.as_str());
+    }
+    if let Some(Some(end)) = p.expect_period_end {
+        q = q.bind(secs(end));
+    }
+    let done = q.execute(&mut **tx).await?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict(format!(
+            "subscription {} changed since it was read (expected status {:?}, period end {:?})",
+            p.id, p.expect_status, p.expect_period_end
+        )))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                .fetch_one(&mut *tx)
+                .await?;
+        let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > known {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                known,
+            });
+        }
+        for &(version, name, sql) in MIGRATIONS {
+            if version <= current {
+                continue;
+            }
+            // A plain &str runs every statement in it (sqlx splits the tail).
+            sqlx::Executor::execute(&mut *tx, sql).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)")
+                .bind(version)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_customer(&self, c: &NewCustomer, now: Timestamp) -> StoreResult<Customer> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO customers (name, email, timezone, locale, country, currency, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&c.name)
+        .bind(&c.email)
+        .bind(&c.timezone)
+        .bind(&c.locale)
+        .bind(&c.country)
+        .bind(&c.currency)
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "customer.created".into(),
+                customer_id: Some(id),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Customer {
+            id,
+            name: c.name.clone(),
+            email: c.email.clone(),
+            timezone: c.timezone.clone(),
+            locale: c.locale.clone(),
+            country: c.country.clone(),
+            currency: c.currency.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn customer(&self, id: i64) -> StoreResult<Option<Customer>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers c WHERE c.id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| customer_from(&r, "c_")).transpose()
+    }
+
+    async fn count_customers(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM customers")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn insert_purchase(
+        &self,
+        p: &NewPurchase,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<(Subscription, Renewal)> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let acceptance_id: i64 = sqlx::query_scalar(
+            "INSERT INTO terms_acceptances (customer_id, version, accepted_at, context) VALUES (?, ?, ?, 'purchase') RETURNING id",
+        )
+        .bind(p.customer_id)
+        .bind(&p.terms_version)
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO subscriptions (customer_id, plan, status, auto_renew, auto_renew_can_enable, payment_kind, \
+             terms_acceptance_id, created_at, updated_at) VALUES (?, ?, 'pending_payment', 1, 1, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(p.customer_id)
+        .bind(&p.plan)
+        .bind(p.payment.kind())
+        .bind(acceptance_id)
+        .bind(secs(now))
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE terms_acceptances SET subscription_id = ? WHERE id = ?")
+            .bind(id)
+            .bind(acceptance_id)
+            .execute(&mut *tx)
+            .await?;
+        patch_subscription(
+            &mut tx,
+            &SubscriptionPatch {
+                id,
+                payment: Some(p.payment.clone()),
+                ..Default::default()
+            },
+            now,
+        )
+        .await?;
+        let renewal_id: i64 = sqlx::query_scalar(
+            "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, lease_token, \
+             lease_owner, lease_expires_at, terms_acceptance_id, created_at, updated_at) \
+             VALUES (?, 'purchase', ?, 1, 'pending', ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(id)
+        .bind(secs(now))
+        .bind(secs(now))
+        .bind(&claim.token)
+        .bind(&claim.owner)
+        .bind(secs(claim.expires_at))
+        .bind(acceptance_id)
+        .bind(secs(now))
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "terms.accepted".into(),
+                subscription_id: Some(id),
+                customer_id: Some(p.customer_id),
+                outcome: Some(p.terms_version.clone()),
+                detail: serde_json::json!({"terms_version": p.terms_version, "context": "purchase"}),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        let work = self
+            .renewal_work(renewal_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("renewal {renewal_id}")))?;
+        Ok((work.subscription, work.renewal))
+    }
+
+    async fn subscription(&self, id: i64) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s WHERE s.id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| subscription_from(&r)).transpose()
+    }
+
+    async fn list_subscriptions(&self, f: &SubscriptionFilter) -> StoreResult<Vec<Subscription>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s \
+             WHERE (?1 IS NULL OR s.status = ?1) AND (?2 IS NULL OR s.current_period_end < ?2) ORDER BY s.id"
+        ))
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(f.due_before.map(secs))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(subscription_from).collect()
+    }
+
+    async fn scan(&self, scan: &Scan) -> StoreResult<Vec<(Subscription, Customer)>> {
+        let marks = vec!["?"; scan.statuses.len()].join(", ");
+        let mut sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS}, {CUSTOMER_COLUMNS} FROM subscriptions s JOIN customers c ON c.id = s.customer_id \
+             WHERE s.status IN ({marks}) AND s.current_period_end <= ? AND s.id > ?"
+        );
+        if scan.ends_after.is_some() {
+            sql.push_str(" AND s.current_period_end > ?");
+        }
+        if scan.auto_renew.is_some() {
+            sql.push_str(" AND s.auto_renew = ?");
+        }
+        if scan.card_only {
+            sql.push_str(" AND s.payment_kind = 'card'");
+        }
+        if scan.without_open_renewal {
+            sql.push_str(
+                " AND NOT EXISTS (SELECT 1 FROM renewals r WHERE r.subscription_id = s.id \
+                 AND r.status IN ('pending', 'retrying', 'action_required'))",
+            );
+        }
+        sql.push_str(" ORDER BY s.id LIMIT ?");
+        let mut q = sqlx::query(&sql);
+        for s in &scan.statuses {
+            q = q.bind(s.as_str());
+        }
+        q = q.bind(secs(scan.ends_at_or_before)).bind(scan.after_id);
+        if let Some(after) = scan.ends_after {
+            q = q.bind(secs(after));
+        }
+        if let Some(on) = scan.auto_renew {
+            q = q.bind(on);
+        }
+        let rows = q.bind(scan.limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| Ok((subscription_from(r)?, customer_from(r, "c_")?)))
+            .collect()
+    }
+
+    async fn open_due_renewals(&self, now: Timestamp) -> StoreResult<u64> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let done = sqlx::query(
+            "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
+             terms_acceptance_id, created_at, updated_at) \
+             SELECT s.id, 'auto', s.current_period_end, s.term + 1, 'pending', s.current_period_end, \
+                    s.terms_acceptance_id, ?1, ?1 \
+             FROM subscriptions s \
+             WHERE s.status = 'active' AND s.current_period_end <= ?1 AND s.auto_renew = 1 \
+               AND s.payment_kind = 'card' AND s.cancel_at_period_end = 0 \
+             ON CONFLICT (subscription_id, period_start) DO NOTHING",
+        )
+        .bind(secs(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_renewals(
+        &self,
+        now: Timestamp,
+        claim: &Claim,
+        limit: u32,
+    ) -> StoreResult<Vec<i64>> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "UPDATE renewals SET lease_token = ?1, lease_owner = ?2, lease_expires_at = ?3, updated_at = ?4 \
+             WHERE id IN (SELECT id FROM renewals \
+                          WHERE status IN ('pending', 'retrying', 'action_required') AND next_attempt_at <= ?4 \
+                            AND (lease_token IS NULL OR lease_expires_at <= ?4) \
+                          ORDER BY next_attempt_at, id LIMIT ?5) \
+             RETURNING id",
+        )
+        .bind(&claim.token)
+        .bind(&claim.owner)
+        .bind(secs(claim.expires_at))
+        .bind(secs(now))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn due_renewals(&self, now: Timestamp) -> StoreResult<Vec<RenewalWork>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM renewals WHERE status IN ('pending', 'retrying', 'action_required') \
+             AND next_attempt_at <= ?1 AND (lease_token IS NULL OR lease_expires_at <= ?1) ORDER BY next_attempt_at, id",
+        )
+        .bind(secs(now))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(w) = self.renewal_work(id).await? {
+                out.push(w);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn renewal_work(&self, renewal_id: i64) -> StoreResult<Option<RenewalWork>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS}, {CUSTOMER_COLUMNS}, {RENEWAL_COLUMNS} FROM renewals r \
+             JOIN subscriptions s ON s.id = r.subscription_id JOIN customers c ON c.id = s.customer_id WHERE r.id = ?"
+        ))
+        .bind(renewal_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let attempt = sqlx::query(
+            "SELECT * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
+        )
+        .bind(renewal_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Some(RenewalWork {
+            renewal: renewal_from(&row)?,
+            subscription: subscription_from(&row)?,
+            customer: customer_from(&row, "c_")?,
+            last_attempt: attempt.map(|a| attempt_from(&a)).transpose()?,
+        }))
+    }
+
+    async fn begin_attempt(
+        &self,
+        lease: &Lease,
+        a: &NewAttempt,
+        now: Timestamp,
+    ) -> StoreResult<Attempt> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        check_lease(&mut tx, lease).await?;
+        let attempt_no: i64 = sqlx::query_scalar(
+            "UPDATE renewals SET attempt_count = attempt_count + 1, first_attempt_at = COALESCE(first_attempt_at, ?), \
+             updated_at = ? WHERE id = ? RETURNING attempt_count",
+        )
+        .bind(secs(now))
+        .bind(secs(now))
+        .bind(lease.renewal_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let draft = serde_json::to_string(&a.invoice_draft)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let row = sqlx::query(
+            "INSERT INTO payment_attempts (renewal_id, attempt_no, idempotency_key, payment_method, amount_minor, \
+             currency, invoice_draft, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) RETURNING *",
+        )
+        .bind(lease.renewal_id)
+        .bind(attempt_no)
+        .bind(&a.idempotency_key)
+        .bind(&a.payment_method)
+        .bind(a.amount_minor)
+        .bind(&a.currency)
+        .bind(draft)
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let attempt = attempt_from(&row)?;
+        tx.commit().await?;
+        Ok(attempt)
+    }
+
+    async fn apply(&self, change: Change, now: Timestamp) -> StoreResult<Applied> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        if let Some(lease) = &change.lease {
+            check_lease(&mut tx, lease).await?;
+        }
+        if let Some(a) = &change.attempt {
+            sqlx::query(
+                "UPDATE payment_attempts SET status = ?, decline_kind = COALESCE(?, decline_kind), \
+                 decline_code = COALESCE(?, decline_code), gateway_reference = COALESCE(?, gateway_reference), \
+                 reconcile_count = COALESCE(?, reconcile_count), \
+                 completed_at = CASE WHEN ? IN ('succeeded', 'declined', 'not_charged') THEN ? ELSE completed_at END \
+                 WHERE id = ?",
+            )
+            .bind(a.status.as_str())
+            .bind(&a.decline_kind)
+            .bind(&a.decline_code)
+            .bind(&a.gateway_reference)
+            .bind(a.reconcile_count)
+            .bind(a.status.as_str())
+            .bind(secs(now))
+            .bind(a.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(p) = &change.subscription {
+            patch_subscription(&mut tx, p, now).await?;
+        }
+        let invoice_number = match &change.invoice {
+            Some(inv) => Some(insert_invoice(&mut tx, inv).await?),
+            None => None,
+        };
+        if let (Some(r), Some(lease)) = (&change.renewal, &change.lease) {
+            sqlx::query(
+                "UPDATE renewals SET status = ?, next_attempt_at = ?, outcome_note = COALESCE(?, outcome_note), \
+                 lease_token = CASE WHEN ? THEN NULL ELSE lease_token END, \
+                 lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, \
+                 lease_expires_at = CASE WHEN ? THEN NULL ELSE lease_expires_at END, \
+                 updated_at = ? WHERE id = ?",
+            )
+            .bind(r.status.as_str())
+            .bind(r.next_attempt_at.map(secs))
+            .bind(&r.note)
+            .bind(r.release)
+            .bind(r.release)
+            .bind(r.release)
+            .bind(secs(now))
+            .bind(lease.renewal_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut queued = 0u32;
+        for m in &change.mails {
+            if insert_mail(&mut tx, m, invoice_number.as_deref(), now).await? {
+                queued += 1;
+            }
+        }
+        if change.only_if_mail_is_new && queued == 0 {
+            tx.rollback().await?;
+            return Ok(Applied::default());
+        }
+        for e in &change.events {
+            insert_event(&mut tx, e, invoice_number.as_deref(), now).await?;
+        }
+        let invoice = match &invoice_number {
+            Some(n) => {
+                let row = sqlx::query(&format!(
+                    "SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"
+                ))
+                .bind(n)
+                .fetch_one(&mut *tx)
+                .await?;
+                Some(invoice_from(&row)?)
+            }
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Applied {
+            applied: true,
+            invoice,
+            mails_queued: queued,
+        })
+    }
+
+    async fn claim_mail(
+        &self,
+        now: Timestamp,
+        claim: &Claim,
+        limit: u32,
+    ) -> StoreResult<Vec<Mail>> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE outbox SET lease_token = ?1, lease_expires_at = ?2 \
+             WHERE id IN (SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?3 \
+                          AND (lease_token IS NULL OR lease_expires_at <= ?3) ORDER BY id LIMIT ?4) \
+             RETURNING {MAIL_COLUMNS}"
+        ))
+        .bind(&claim.token)
+        .bind(secs(claim.expires_at))
+        .bind(secs(now))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut mails: Vec<Mail> = rows.iter().map(mail_from).collect::<StoreResult<_>>()?;
+        mails.sort_by_key(|m| m.id);
+        Ok(mails)
+    }
+
+    async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, lease_token = NULL, \
+             lease_expires_at = NULL, last_error = NULL WHERE id = ? AND lease_token = ?",
+        )
+        .bind(secs(now))
+        .bind(id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "mail {id} is no longer claimed by this sender"
+            )));
+        }
+        let (sub, kind): (i64, String) =
+            sqlx::query_as("SELECT subscription_id, kind FROM outbox WHERE id = ?")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "mail.sent".into(),
+                subscription_id: Some(sub),
+                outcome: Some("sent".into()),
+                detail: serde_json::json!({"mail_id": id, "mail_kind": kind}),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn mail_failed(
+        &self,
+        id: i64,
+        token: &str,
+        error: &str,
+        retry_at: Option<Timestamp>,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let status = if retry_at.is_some() {
+            "queued"
+        } else {
+            "failed"
+        };
+        sqlx::query(
+            "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, \
+             lease_token = NULL, lease_expires_at = NULL WHERE id = ? AND lease_token = ?",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(secs(retry_at.unwrap_or(now)))
+        .bind(id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_mail(&self, f: &MailFilter) -> StoreResult<Vec<Mail>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MAIL_COLUMNS} FROM outbox WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR subscription_id = ?2) ORDER BY id"
+        ))
+        .bind(&f.status)
+        .bind(f.subscription_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(mail_from).collect()
+    }
+
+    async fn invoice(&self, number: &str) -> StoreResult<Option<Invoice>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"
+        ))
+        .bind(number)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| invoice_from(&r)).transpose()
+    }
+
+    async fn list_invoices(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Invoice>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE (?1 IS NULL OR subscription_id = ?1) ORDER BY series, seq"
+        ))
+        .bind(subscription_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(invoice_from).collect()
+    }
+
+    async fn events(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE (?1 IS NULL OR subscription_id = ?1) ORDER BY id",
+        )
+        .bind(subscription_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let detail: Option<String> = r.try_get("detail")?;
+                Ok(Event {
+                    id: r.try_get("id")?,
+                    at: ts(r.try_get("at")?)?,
+                    kind: r.try_get("kind")?,
+                    subscription_id: r.try_get("subscription_id")?,
+                    customer_id: r.try_get("customer_id")?,
+                    invoice_number: r.try_get("invoice_number")?,
+                    amount_minor: r.try_get("amount_minor")?,
+                    currency: r.try_get("currency")?,
+                    period_end: opt_ts(r.try_get("period_end")?)?,
+                    idempotency_key: r.try_get("idempotency_key")?,
+                    outcome: r.try_get("outcome")?,
+                    detail: detail
+                        .and_then(|d| serde_json::from_str(&d).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn terms_acceptances(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT version, COUNT(*) FROM terms_acceptances GROUP BY version ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
