@@ -31,14 +31,16 @@ use crate::store::{
 pub enum Outcome {
     Renewed(Box<Invoice>),
     Declined {
-        hard: bool,
         retry_at: Option<Timestamp>,
         code: String,
     },
-    Expired,
+    /// Retries ran out (`declined`: on this very attempt) or grace ended.
+    Expired {
+        declined: bool,
+    },
     /// The outcome of a charge is not known yet; it will be reconciled.
     Unknown,
-    Skipped(&'static str),
+    Skipped,
 }
 
 impl Engine {
@@ -99,10 +101,12 @@ impl Engine {
         if let Some(reason) = no_charge_reason(&work) {
             return self.skip(&work, lease, reason, now).await;
         }
-        if work.renewal.kind != RenewalKind::Purchase && now >= self.grace_end(&work) {
-            return self
-                .expire_unpaid(&work, lease, "grace period over", now)
-                .await;
+        if let Some(first) = work.renewal.first_attempt_at {
+            if work.renewal.kind != RenewalKind::Purchase && now >= self.grace_end(&work, first) {
+                return self
+                    .expire_unpaid(&work, lease, "grace period over", now)
+                    .await;
+            }
         }
 
         let PaymentMethod::Card { token, .. } = &work.subscription.payment else {
@@ -171,15 +175,16 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("renewal {}", lease.renewal_id)))
     }
 
-    /// The last instant a period may stay unpaid: the period end plus the
-    /// grace days, counted on the customer's calendar.
-    fn grace_end(&self, work: &RenewalWork) -> Timestamp {
-        work.renewal
-            .period_start
+    /// The last instant a period may stay unpaid: the first attempt plus
+    /// the grace days, counted on the customer's calendar. Counting from the
+    /// first attempt (not the period end) means downtime of renewd never
+    /// expires a subscription that was never asked to pay.
+    fn grace_end(&self, work: &RenewalWork, first_attempt: Timestamp) -> Timestamp {
+        first_attempt
             .to_zoned(self.zone_of(&work.customer))
             .checked_add(Span::new().days(i64::from(self.config.raw.dunning.grace_days)))
             .map(|z| z.timestamp())
-            .unwrap_or(work.renewal.period_start)
+            .unwrap_or(first_attempt)
     }
 
     async fn record_success(
@@ -395,14 +400,13 @@ impl Engine {
                 "purchase declined"
             );
             return Ok(Outcome::Declined {
-                hard,
                 retry_at: None,
                 code: decline.code().to_string(),
             });
         }
 
-        let grace_end = self.grace_end(work);
         let first = work.renewal.first_attempt_at.unwrap_or(attempt.created_at);
+        let grace_end = self.grace_end(work, first);
         let retry_at = if hard {
             None
         } else {
@@ -499,10 +503,9 @@ impl Engine {
             "renewal payment declined"
         );
         if exhausted {
-            return Ok(Outcome::Expired);
+            return Ok(Outcome::Expired { declined: true });
         }
         Ok(Outcome::Declined {
-            hard,
             retry_at,
             code: decline.code().to_string(),
         })
@@ -603,7 +606,7 @@ impl Engine {
             outcome = reason,
             "renewal skipped: no charge"
         );
-        Ok(Outcome::Skipped(reason))
+        Ok(Outcome::Skipped)
     }
 
     async fn expire_unpaid(
@@ -651,7 +654,7 @@ impl Engine {
             reason = why,
             "subscription expired unpaid"
         );
-        Ok(Outcome::Expired)
+        Ok(Outcome::Expired { declined: false })
     }
 
     fn expired_mail(&self, work: &RenewalWork, period_key: i64) -> NewMail {

@@ -184,7 +184,7 @@ impl Engine {
             Outcome::Unknown => (None, Some(format!(
                 "the payment outcome is unknown; renewd will reconcile it on the next sweep and start subscription {} only if the charge went through", sub.id
             ))),
-            Outcome::Expired | Outcome::Skipped(_) => (None, Some(format!("subscription {} was not started", sub.id))),
+            Outcome::Expired { .. } | Outcome::Skipped => (None, Some(format!("subscription {} was not started", sub.id))),
         };
         Ok(PurchaseResult {
             subscription,

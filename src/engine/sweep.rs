@@ -129,12 +129,12 @@ impl Engine {
                             s.retry_scheduled += 1;
                         }
                     }
-                    Ok(Outcome::Expired) => {
-                        s.declined += 1;
+                    Ok(Outcome::Expired { declined }) => {
+                        s.declined += u32::from(declined);
                         s.expired += 1;
                     }
                     Ok(Outcome::Unknown) => s.unknown += 1,
-                    Ok(Outcome::Skipped(_)) => s.skipped += 1,
+                    Ok(Outcome::Skipped) => s.skipped += 1,
                     Err(e) => {
                         // The lease stays until it expires, so this renewal is
                         // not retried in a tight loop; the next sweep after the

@@ -1,0 +1,235 @@
+//! Hazards of moving money. Without the guards here, a timeout after the
+//! processor took the money would lead to a second charge under a new key,
+//! a crash between the gateway call and the commit would lose the renewal,
+//! and two workers could charge the same period.
+
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use renewd::store::{Claim, Lease, NewAttempt};
+
+use crate::support::{t, LosesAnswers, TestApp, Unreachable};
+
+#[tokio::test]
+async fn a_timeout_after_the_charge_is_reconciled_with_the_same_key_and_charges_once() {
+    let app = TestApp::spawn_with("2027-05-01T00:00:00Z", &[], |inner| {
+        Arc::new(LosesAnswers {
+            inner,
+            remaining: AtomicU32::new(0),
+        })
+    })
+    .await;
+    let sub = app.tokyo_subscription().await;
+    // From now on the gateway loses its next answer.
+    let app = {
+        let gw = Arc::new(LosesAnswers {
+            inner: app.sandbox.clone(),
+            remaining: AtomicU32::new(1),
+        });
+        let mut app = app;
+        app.engine.gateway = gw;
+        app
+    };
+    app.set("2028-05-01T00:00:00Z");
+    let s = app.sweep().await;
+    assert_eq!(s.unknown, 1);
+    assert_eq!(
+        app.sub(sub.id).await.term,
+        1,
+        "not renewed until the outcome is known"
+    );
+    assert_eq!(
+        app.sweep().await.renewed,
+        0,
+        "reconciliation waits for its backoff"
+    );
+
+    app.set("2028-05-01T00:01:00Z");
+    let s = app.sweep().await;
+    assert_eq!(s.renewed, 1);
+    let renewals: Vec<_> = app
+        .charges()
+        .await
+        .into_iter()
+        .filter(|c| c.idempotency_key.starts_with("renew:"))
+        .collect();
+    assert_eq!(renewals.len(), 1, "one charge, no second key");
+    assert!(renewals[0].idempotency_key.ends_with(":a1"));
+    assert_eq!(app.invoices(sub.id).await.len(), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_gateway_is_confirmed_uncharged_before_a_new_attempt() {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    let mut app = app;
+    app.engine.gateway = Arc::new(Unreachable {
+        inner: app.sandbox.clone(),
+        remaining: AtomicU32::new(1),
+    });
+    app.set("2028-05-01T00:00:00Z");
+    assert_eq!(app.sweep().await.unknown, 1);
+    app.set("2028-05-01T00:01:00Z");
+    assert_eq!(app.sweep().await.renewed, 1);
+    let keys: Vec<String> = app
+        .charges()
+        .await
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert!(
+        keys[1].ends_with(":a2"),
+        "attempt 2 only after attempt 1 was confirmed uncharged: {keys:?}"
+    );
+    let events = app.engine.store.events(Some(sub.id)).await.unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.kind == "charge.reconciled" && e.outcome.as_deref() == Some("not_charged")));
+}
+
+#[tokio::test]
+async fn a_crash_between_the_charge_and_the_commit_is_recovered_after_the_lease_expires() {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2028-05-01T00:00:00Z");
+    let store = app.engine.store.clone();
+    let now = app.now();
+
+    // A worker claims the renewal, commits its attempt, charges, then dies.
+    store.open_due_renewals(now).await.unwrap();
+    let claim = Claim {
+        token: "dead-worker".into(),
+        owner: "dead:1".into(),
+        expires_at: t("2028-05-01T00:05:00Z"),
+    };
+    let ids = store.claim_renewals(now, &claim, 10).await.unwrap();
+    assert_eq!(ids.len(), 1);
+    let lease = Lease {
+        renewal_id: ids[0],
+        token: claim.token.clone(),
+    };
+    let work = store.renewal_work(ids[0]).await.unwrap().unwrap();
+    let draft = renewd::domain::invoice::calculate(
+        renewd::domain::Currency::parse("JPY").unwrap(),
+        &[renewd::domain::invoice::LineInput {
+            description: "x".into(),
+            quantity: 1,
+            unit_amount_minor: 53_000,
+            tax_rate_bp: 1000,
+        }],
+    )
+    .unwrap();
+    let key = format!(
+        "renew:{}:{}:a1",
+        sub.id,
+        work.renewal.period_start.as_second()
+    );
+    let attempt = store
+        .begin_attempt(
+            &lease,
+            &NewAttempt {
+                idempotency_key: key.clone(),
+                payment_method: "pm_card_visa".into(),
+                amount_minor: 58_300,
+                currency: "JPY".into(),
+                invoice_draft: draft,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    use renewd::gateway::PaymentGateway;
+    app.sandbox
+        .charge(&renewd::gateway::ChargeRequest {
+            idempotency_key: key.clone(),
+            payment_method: "pm_card_visa".into(),
+            amount: renewd::domain::Money::new(
+                58_300,
+                renewd::domain::Currency::parse("JPY").unwrap(),
+            ),
+            description: "x".into(),
+            attempt_id: attempt.id,
+            subscription_id: sub.id,
+        })
+        .await
+        .unwrap();
+
+    // While the dead worker's lease holds, nobody touches the renewal.
+    assert_eq!(app.sweep().await.renewed, 0);
+    assert_eq!(app.sub(sub.id).await.term, 1);
+
+    app.set("2028-05-01T00:05:00Z");
+    let s = app.sweep().await;
+    assert_eq!(s.renewed, 1, "{s:?}");
+    let renewals: Vec<_> = app
+        .charges()
+        .await
+        .into_iter()
+        .filter(|c| c.idempotency_key.starts_with("renew:"))
+        .collect();
+    assert_eq!(
+        renewals.len(),
+        1,
+        "the charge taken before the crash is the only one"
+    );
+    assert_eq!(app.invoices(sub.id).await.len(), 2);
+    assert_eq!(app.sub(sub.id).await.term, 2);
+}
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_taken_over_cannot_write() {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    app.tokyo_subscription().await;
+    app.set("2028-05-01T00:00:00Z");
+    let store = app.engine.store.clone();
+    let now = app.now();
+    store.open_due_renewals(now).await.unwrap();
+    let old = Claim {
+        token: "old".into(),
+        owner: "a:1".into(),
+        expires_at: now,
+    };
+    let ids = store.claim_renewals(now, &old, 10).await.unwrap();
+    let newer = Claim {
+        token: "new".into(),
+        owner: "b:2".into(),
+        expires_at: t("2028-05-01T01:00:00Z"),
+    };
+    assert_eq!(
+        store.claim_renewals(now, &newer, 10).await.unwrap(),
+        ids,
+        "the expired lease is taken over"
+    );
+    let stale = Lease {
+        renewal_id: ids[0],
+        token: "old".into(),
+    };
+    let err = store
+        .apply(
+            renewd::store::Change {
+                lease: Some(stale),
+                ..Default::default()
+            },
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, renewd::store::StoreError::LeaseLost(_)),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_subscription_cancelled_or_switched_off_after_the_claim_is_not_charged() {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2028-05-01T00:00:00Z");
+    app.engine.store.open_due_renewals(app.now()).await.unwrap();
+    // Auto-renewal turned off after the renewal row was opened.
+    app.engine.set_auto_renew(sub.id, false).await.unwrap();
+    let s = app.sweep().await;
+    assert_eq!((s.renewed, s.skipped, s.expired), (0, 1, 1));
+    assert_eq!(app.charges().await.len(), 1, "only the purchase");
+}

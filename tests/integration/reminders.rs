@@ -1,0 +1,175 @@
+//! Reminders, notices and expiry for subscriptions nearing their end.
+
+use renewd::domain::AutoRenew;
+use renewd::engine::EngineError;
+use renewd::mail::MailKind;
+
+use crate::support::{days, t, TestApp};
+
+#[tokio::test]
+async fn an_auto_renew_off_subscription_gets_each_reminder_once_then_expires_at_period_end() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.engine.set_auto_renew(sub.id, false).await.unwrap();
+
+    // Twice a day, so every reminder day is swept more than once.
+    app.run_until("2028-03-31T23:59:59Z", jiff::SignedDuration::from_hours(12))
+        .await;
+    let offsets: Vec<i64> = app
+        .mails_of(sub.id, MailKind::RenewalReminder)
+        .await
+        .iter()
+        .map(|m| m.offset_key)
+        .collect();
+    assert_eq!(offsets, vec![30, 7, 1]);
+    assert_eq!(app.sub(sub.id).await.status.as_str(), "active");
+
+    app.set("2028-04-01T00:00:00Z");
+    let s = app.sweep().await;
+    assert_eq!(s.expired, 1);
+    let after = app.sub(sub.id).await;
+    assert_eq!(after.status.as_str(), "expired");
+    assert_eq!(
+        app.succeeded_charges().await.len(),
+        1,
+        "only the purchase was charged"
+    );
+    assert_eq!(app.mails_of(sub.id, MailKind::Expired).await.len(), 1);
+
+    app.run_until("2028-06-01T00:00:00Z", days(1)).await;
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::RenewalReminder).await.len(),
+        3,
+        "no reminders after expiry"
+    );
+    assert_eq!(app.mails_of(sub.id, MailKind::Expired).await.len(), 1);
+}
+
+#[tokio::test]
+async fn after_a_long_gap_only_the_latest_due_reminder_is_sent() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.engine.set_auto_renew(sub.id, false).await.unwrap();
+
+    // Down from the purchase until 3 days before the end: the 30-day
+    // reminder is stale, the 7-day one is the latest due.
+    app.set("2028-03-29T00:00:00Z");
+    let s = app.sweep().await;
+    assert_eq!(s.reminders, 1);
+    let sent: Vec<i64> = app
+        .mails_of(sub.id, MailKind::RenewalReminder)
+        .await
+        .iter()
+        .map(|m| m.offset_key)
+        .collect();
+    assert_eq!(sent, vec![7]);
+
+    app.set("2028-03-31T00:00:00Z");
+    app.sweep().await;
+    let sent: Vec<i64> = app
+        .mails_of(sub.id, MailKind::RenewalReminder)
+        .await
+        .iter()
+        .map(|m| m.offset_key)
+        .collect();
+    assert_eq!(sent, vec![7, 1]);
+}
+
+#[tokio::test]
+async fn a_reminder_says_when_the_subscription_ends_and_how_to_renew() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("Asia/Tokyo", "en", "JP", "JPY").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.engine.set_auto_renew(sub.id, false).await.unwrap();
+    app.set("2028-03-25T00:00:00Z");
+    app.sweep().await;
+    let mail = &app.mails_of(sub.id, MailKind::RenewalReminder).await[0];
+    let rendered = renewd::engine::render_mail(mail).unwrap();
+    assert!(
+        rendered.subject.contains("2028-04-01"),
+        "{}",
+        rendered.subject
+    );
+    assert!(
+        rendered
+            .text
+            .contains(&format!("renewd subscription renew {}", sub.id)),
+        "{}",
+        rendered.text
+    );
+    let file = app
+        .dir
+        .path()
+        .join("mail")
+        .join(format!("{:08}-renewal_reminder.eml", mail.id));
+    let eml = std::fs::read_to_string(file).unwrap();
+    assert!(eml.contains("Message-ID: <renewd."), "{eml}");
+    assert!(eml.contains("To: customer@example.com"));
+}
+
+#[tokio::test]
+async fn auto_renew_on_subscriptions_get_one_upcoming_notice_and_a_card_expiry_warning() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app
+        .engine
+        .purchase(renewd::engine::PurchaseInput {
+            customer_id: c,
+            plan: None,
+            accept_terms: Some("2026-04".into()),
+            card: "pm_card_visa".into(),
+            card_expiry: Some("2028-02".into()),
+        })
+        .await
+        .unwrap()
+        .subscription;
+    app.run_until("2028-03-31T00:00:00Z", days(1)).await;
+    let notices = app.mails_of(sub.id, MailKind::UpcomingRenewal).await;
+    assert_eq!(notices.len(), 1);
+    assert_eq!(
+        notices[0].created_at,
+        t("2028-03-02T00:00:00Z"),
+        "30 days before the end"
+    );
+    assert_eq!(app.mails_of(sub.id, MailKind::CardExpiring).await.len(), 1);
+    assert!(app
+        .mails_of(sub.id, MailKind::RenewalReminder)
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn auto_renew_cannot_be_re_enabled_before_a_renewal() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    let off = app.engine.set_auto_renew(sub.id, false).await.unwrap();
+    assert_eq!(
+        off.auto_renew,
+        AutoRenew {
+            on: false,
+            can_enable: false
+        }
+    );
+    let err = app.engine.set_auto_renew(sub.id, true).await.unwrap_err();
+    assert!(matches!(err, EngineError::Refused(_)));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot be turned back on until the subscription is renewed again"),
+        "{msg}"
+    );
+    assert!(msg.contains("renewd subscription renew"), "{msg}");
+    assert!(!app.sub(sub.id).await.auto_renew.on);
+}
+
+#[tokio::test]
+async fn turning_auto_renew_off_before_the_anniversary_means_no_charge() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2028-03-30T00:00:00Z");
+    app.engine.set_auto_renew(sub.id, false).await.unwrap();
+    app.run_until("2028-04-10T00:00:00Z", days(1)).await;
+    assert_eq!(app.succeeded_charges().await.len(), 1);
+    assert_eq!(app.sub(sub.id).await.status.as_str(), "expired");
+}

@@ -1,0 +1,273 @@
+//! The integration harness: one app per test with its own temp directory
+//! (database, sandbox ledger, mail files), a MockClock and the sandbox
+//! gateway, so a test reads: create, advance the clock, sweep, assert.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jiff::{SignedDuration, Timestamp};
+use renewd::clock::{Clock, MockClock, SharedClock};
+use renewd::config::Config;
+use renewd::engine::{Engine, NewCustomerInput, PurchaseInput, SweepSummary};
+use renewd::gateway::sandbox::{LedgerCharge, SandboxGateway};
+use renewd::gateway::{CardDetails, Charge, ChargeRequest, GatewayError, Lookup, PaymentGateway};
+use renewd::mail::file::FileTransport;
+use renewd::mail::MailKind;
+use renewd::store::sqlite::SqliteStore;
+use renewd::store::{Invoice, Mail, MailFilter, Store, Subscription};
+
+pub struct TestApp {
+    pub dir: tempfile::TempDir,
+    pub clock: Arc<MockClock>,
+    pub engine: Engine,
+    pub sandbox: Arc<SandboxGateway>,
+}
+
+pub fn t(s: &str) -> Timestamp {
+    s.parse().expect("test instant")
+}
+
+pub fn days(n: i64) -> SignedDuration {
+    SignedDuration::from_hours(24 * n)
+}
+
+impl TestApp {
+    pub async fn spawn(start: &str) -> TestApp {
+        Self::spawn_with(start, &[], |g| g).await
+    }
+
+    /// An app whose gateway is the sandbox wrapped by `wrap` (for fault
+    /// injection), with extra config overrides.
+    pub async fn spawn_with(
+        start: &str,
+        env: &[(&str, &str)],
+        wrap: impl FnOnce(Arc<dyn PaymentGateway>) -> Arc<dyn PaymentGateway>,
+    ) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().to_string_lossy().to_string();
+        let mut vars: Vec<(String, String)> = vec![
+            ("RENEWD__STATE_DIR".into(), state.clone()),
+            (
+                "RENEWD__DATABASE__URL".into(),
+                format!("sqlite://{state}/renewd.db"),
+            ),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Arc::new(Config::load_with_env(None, vars).expect("test config"));
+        let clock = Arc::new(MockClock::new(t(start)));
+        let shared: SharedClock = clock.clone();
+        let store = SqliteStore::open(&config.raw.database.url, 8)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        let sandbox = Arc::new(
+            SandboxGateway::open(
+                &config.sandbox_ledger(),
+                shared.clone(),
+                std::time::Duration::ZERO,
+            )
+            .await
+            .expect("sandbox"),
+        );
+        let gateway = wrap(sandbox.clone());
+        let engine = Engine {
+            store: Arc::new(store),
+            gateway,
+            transport: Arc::new(FileTransport::new(config.mail_dir())),
+            clock: shared,
+            config,
+            instance: "test:1".into(),
+        };
+        TestApp {
+            dir,
+            clock,
+            engine,
+            sandbox,
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub fn set(&self, at: &str) {
+        self.clock.set(t(at));
+    }
+
+    pub async fn sweep(&self) -> SweepSummary {
+        self.engine.sweep().await.expect("sweep")
+    }
+
+    /// Advances the clock by `step` up to and including `until`, sweeping at
+    /// every step, as the daemon would.
+    pub async fn run_until(&self, until: &str, step: SignedDuration) -> Vec<SweepSummary> {
+        let until = t(until);
+        let mut out = vec![];
+        while self.now() < until {
+            let next = self.now().checked_add(step).unwrap().min(until);
+            self.clock.set(next);
+            out.push(self.sweep().await);
+        }
+        out
+    }
+
+    pub async fn customer(&self, tz: &str, locale: &str, country: &str, currency: &str) -> i64 {
+        self.engine
+            .add_customer(NewCustomerInput {
+                name: "Test Customer".into(),
+                email: "customer@example.com".into(),
+                timezone: Some(tz.into()),
+                locale: Some(locale.into()),
+                country: Some(country.into()),
+                currency: Some(currency.into()),
+            })
+            .await
+            .expect("customer")
+            .id
+    }
+
+    pub async fn purchase(&self, customer: i64, card: &str) -> Subscription {
+        let r = self
+            .engine
+            .purchase(PurchaseInput {
+                customer_id: customer,
+                plan: None,
+                accept_terms: Some(self.engine.config.raw.terms.current.clone()),
+                card: card.into(),
+                card_expiry: None,
+            })
+            .await
+            .expect("purchase");
+        r.subscription
+    }
+
+    /// A Tokyo customer paying in JPY with a Visa card.
+    pub async fn tokyo_subscription(&self) -> Subscription {
+        let c = self.customer("Asia/Tokyo", "ja", "JP", "JPY").await;
+        self.purchase(c, "pm_card_visa").await
+    }
+
+    pub async fn sub(&self, id: i64) -> Subscription {
+        self.engine.subscription(id).await.expect("subscription")
+    }
+
+    pub async fn charges(&self) -> Vec<LedgerCharge> {
+        self.sandbox.charges().await.expect("ledger")
+    }
+
+    pub async fn succeeded_charges(&self) -> Vec<LedgerCharge> {
+        self.charges()
+            .await
+            .into_iter()
+            .filter(|c| c.outcome == "succeeded")
+            .collect()
+    }
+
+    pub async fn invoices(&self, sub: i64) -> Vec<Invoice> {
+        self.engine
+            .store
+            .list_invoices(Some(sub))
+            .await
+            .expect("invoices")
+    }
+
+    pub async fn mails(&self, sub: i64) -> Vec<Mail> {
+        self.engine
+            .store
+            .list_mail(&MailFilter {
+                status: None,
+                subscription_id: Some(sub),
+            })
+            .await
+            .expect("mail")
+    }
+
+    pub async fn mails_of(&self, sub: i64, kind: MailKind) -> Vec<Mail> {
+        self.mails(sub)
+            .await
+            .into_iter()
+            .filter(|m| m.kind == kind)
+            .collect()
+    }
+
+    /// Row counts of every table: a fingerprint of the whole database.
+    pub async fn fingerprint(&self) -> Vec<(String, i64)> {
+        let pool = sqlx::SqlitePool::connect(&self.engine.config.raw.database.url)
+            .await
+            .unwrap();
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let mut out = vec![];
+        for table in tables {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM \"{table}\""))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            out.push((table, n));
+        }
+        let updated: Option<i64> = sqlx::query_scalar("SELECT MAX(updated_at) FROM subscriptions")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        out.push(("max(subscriptions.updated_at)".into(), updated.unwrap_or(0)));
+        out
+    }
+}
+
+/// A gateway that passes the charge to the processor but then loses the
+/// answer, as a timeout after the processor took the money would.
+pub struct LosesAnswers {
+    pub inner: Arc<dyn PaymentGateway>,
+    pub remaining: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl PaymentGateway for LosesAnswers {
+    async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
+        let result = self.inner.charge(req).await;
+        let left = self.remaining.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.remaining
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(GatewayError::Unknown(
+                "timed out waiting for the processor".into(),
+            ));
+        }
+        result
+    }
+    async fn lookup(&self, key: &str) -> Result<Lookup, GatewayError> {
+        self.inner.lookup(key).await
+    }
+    async fn card_details(&self, pm: &str) -> Result<CardDetails, GatewayError> {
+        self.inner.card_details(pm).await
+    }
+}
+
+/// A gateway that fails before reaching the processor (connection refused)
+/// a number of times: nothing is charged.
+pub struct Unreachable {
+    pub inner: Arc<dyn PaymentGateway>,
+    pub remaining: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl PaymentGateway for Unreachable {
+    async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
+        let left = self.remaining.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.remaining
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(GatewayError::Unknown("connection refused".into()));
+        }
+        self.inner.charge(req).await
+    }
+    async fn lookup(&self, key: &str) -> Result<Lookup, GatewayError> {
+        self.inner.lookup(key).await
+    }
+    async fn card_details(&self, pm: &str) -> Result<CardDetails, GatewayError> {
+        self.inner.card_details(pm).await
+    }
+}
