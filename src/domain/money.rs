@@ -37,7 +37,7 @@ const CURRENCIES: &[(&str, u8, &str)] = &[
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
-    #[error("`{0}` is not an ISO 4217 currency code renewd supports (for example JPY, USD, EUR)")]
+    #[error("{0:?} is not an ISO 4217 currency code renewd supports (for example JPY, USD, EUR)")]
     UnknownCurrency(String),
     #[error("amount overflow")]
     Overflow,

@@ -12,21 +12,21 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
-    #[error("invalid email address `{0}`: expected one address like name@example.com")]
+    #[error("invalid email address {0:?}: expected one address like name@example.com")]
     Email(String),
-    #[error("unknown time zone `{0}`: use an IANA name such as Asia/Tokyo or Europe/Paris")]
+    #[error("unknown time zone {0:?}: use an IANA name such as Asia/Tokyo or Europe/Paris")]
     TimeZone(String),
-    #[error("unknown locale `{0}`: use en or ja")]
+    #[error("unknown locale {0:?}: use en or ja")]
     Locale(String),
-    #[error("invalid country `{0}`: use an ISO 3166-1 alpha-2 code such as JP or US")]
+    #[error("invalid country {0:?}: use an ISO 3166-1 alpha-2 code such as JP or US")]
     Country(String),
     #[error("invalid name: {0}")]
     Name(&'static str),
-    #[error("invalid card token `{0}`: expected a payment method token such as pm_card_visa, never a card number")]
+    #[error("invalid card token {0:?}: expected a payment method token such as pm_card_visa, never a card number")]
     CardToken(String),
-    #[error("invalid card expiry `{0}`: expected YYYY-MM, for example 2029-04")]
+    #[error("invalid card expiry {0:?}: expected YYYY-MM, for example 2029-04")]
     CardExpiry(String),
-    #[error("invalid phone number `{0}`: expected digits with an optional leading +, spaces or dashes, 7 to 15 digits")]
+    #[error("invalid phone number {0:?}: expected digits with an optional leading +, spaces or dashes, 7 to 15 digits")]
     Phone(String),
 }
 

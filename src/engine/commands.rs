@@ -102,7 +102,7 @@ impl Engine {
                 "terms version {v} is outdated; the customer must accept the current Terms and Conditions: --accept-terms {current}"
             ))),
             Some(v) => Err(EngineError::Invalid(format!(
-                "unknown terms version `{v}`; the current Terms and Conditions version is {current} (--accept-terms {current})"
+                "unknown terms version {v:?}; the current Terms and Conditions version is {current} (--accept-terms {current})"
             ))),
             None => Err(EngineError::Invalid(format!(
                 "payment refused: the Terms and Conditions must be accepted; pass --accept-terms {current}"
@@ -124,7 +124,7 @@ impl Engine {
         if !self.config.raw.plans.contains_key(&plan) {
             let known: Vec<&str> = self.config.raw.plans.keys().map(String::as_str).collect();
             return Err(EngineError::Invalid(format!(
-                "unknown plan `{plan}`; use one of {}",
+                "unknown plan {plan:?}; use one of {}",
                 known.join(", ")
             )));
         }
