@@ -679,11 +679,7 @@ fn idempotency_key(work: &RenewalWork, n: i64) -> String {
     } else {
         "renew"
     };
-    format!(
-        "{prefix}:{}:{}:a{n}",
-        work.subscription.id,
-        work.renewal.period_start.as_second()
-    )
+    format!("{prefix}:{}:{}:a{n}", work.subscription.id, work.renewal.period_start)
 }
 
 /// Why this renewal must not be charged now, if it must not.

@@ -222,7 +222,7 @@ impl Engine {
         tracing::info!(
             subscription_id = sub.id,
             customer_id = sub.customer_id,
-            period_end = ?sub.current_period_end.map(|t| t.to_string()),
+            period_end = %fmt_opt(sub.current_period_end),
             outcome = "expired",
             "subscription expired: auto-renewal was off"
         );
@@ -300,7 +300,7 @@ impl Engine {
                             tracing::info!(
                                 subscription_id = sub.id,
                                 customer_id = sub.customer_id,
-                                period_end = ?sub.current_period_end.map(|t| t.to_string()),
+                                period_end = %fmt_opt(sub.current_period_end),
                                 mail_kind = kind.as_str(),
                                 offset_days = offset,
                                 outcome = "queued",
