@@ -91,6 +91,7 @@ pub enum GatewayKind {
 #[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
     pub kind: GatewayKind,
+    pub timeout: String,
     pub sandbox: SandboxSettings,
 }
 
@@ -198,6 +199,7 @@ pub struct Config {
     pub raw: Settings,
     pub local_time: Time,
     pub lease: SignedDuration,
+    pub gateway_timeout: SignedDuration,
     pub reconcile_backoff: Vec<SignedDuration>,
     pub invoice_zone: Zone,
     pub default_zone: Zone,
@@ -287,6 +289,20 @@ impl Config {
             Time::midnight()
         });
         let lease = parse_duration("renewal.lease", &raw.renewal.lease, &mut problems);
+        let gateway_timeout =
+            parse_duration("gateway.timeout", &raw.gateway.timeout, &mut problems);
+        if lease < SignedDuration::from_secs(10) {
+            problems.push(format!(
+                "renewal.lease = {:?} is too short; use at least \"10s\"",
+                raw.renewal.lease
+            ));
+        }
+        if gateway_timeout >= lease {
+            problems.push(format!(
+                "gateway.timeout = {:?} must be shorter than renewal.lease = {:?}, or a claim could expire during a charge",
+                raw.gateway.timeout, raw.renewal.lease
+            ));
+        }
         let reconcile_backoff: Vec<SignedDuration> = raw
             .dunning
             .reconcile_backoff
@@ -465,6 +481,7 @@ impl Config {
                 raw,
                 local_time,
                 lease,
+                gateway_timeout,
                 reconcile_backoff,
                 invoice_zone,
                 default_zone,
@@ -640,6 +657,21 @@ mod tests {
         .to_string();
         assert!(err.contains("invoice.timezone"), "{err}");
         assert!(err.contains("renewal.lease"), "{err}");
+    }
+
+    #[test]
+    fn a_gateway_timeout_not_shorter_than_the_lease_is_refused() {
+        let err = load_env(&[("RENEWD__GATEWAY__TIMEOUT", "10m")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gateway.timeout") && err.contains("renewal.lease"),
+            "{err}"
+        );
+        let err = load_env(&[("RENEWD__RENEWAL__LEASE", "500ms")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too short"), "{err}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::mail::MailKind;
 use crate::store::{
     Attempt, AttemptPatch, AttemptStatus, Change, Invoice, Lease, NewAttempt, NewEvent, NewInvoice,
     NewMail, PaymentMethod, Period, RenewalKind, RenewalPatch, RenewalStatus, RenewalWork,
-    SubscriptionPatch,
+    StoreError, SubscriptionPatch,
 };
 
 /// What happened to one claimed renewal.
@@ -60,6 +60,12 @@ impl Engine {
                 }
                 Ok(Lookup::Declined(decline)) => {
                     return self.record_decline(&work, &open, decline, lease, now).await
+                }
+                Ok(Lookup::NotFound) if !self.settled(&open, now) => {
+                    let still = GatewayError::Unknown(
+                        "no record of the key yet; the request may still be in flight".into(),
+                    );
+                    return self.record_unknown(&work, &open, &still, lease, now).await;
                 }
                 Ok(Lookup::NotFound) => {
                     self.store
@@ -145,7 +151,18 @@ impl Engine {
             subscription_id: work.subscription.id,
         };
         let started = std::time::Instant::now();
-        let result = self.gateway.charge(&request).await;
+        let result = match tokio::time::timeout(
+            self.config.gateway_timeout.unsigned_abs(),
+            self.gateway.charge(&request),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::Unknown(format!(
+                "no answer within gateway.timeout ({})",
+                self.config.raw.gateway.timeout
+            ))),
+        };
         tracing::debug!(
             subscription_id = work.subscription.id,
             idempotency_key = %request.idempotency_key,
@@ -166,6 +183,16 @@ impl Engine {
                     .await
             }
         }
+    }
+
+    /// Whether a request sent for `attempt` can no longer be in flight, so
+    /// that the gateway's "never saw this key" is final.
+    fn settled(&self, attempt: &Attempt, now: Timestamp) -> bool {
+        attempt
+            .created_at
+            .saturating_add(self.config.gateway_timeout)
+            .map(|t| now >= t)
+            .unwrap_or(false)
     }
 
     async fn load(&self, lease: &Lease) -> EngineResult<RenewalWork> {
@@ -210,10 +237,9 @@ impl Engine {
         } else {
             SubEvent::Paid
         };
-        let status = sub
-            .status
-            .on(event)
-            .map_err(|e| EngineError::Internal(format!("charged but {e}")))?;
+        // None when the subscription moved on while the charge was out
+        // (cancelled, say): the payment is still recorded and invoiced below.
+        let status = sub.status.on(event).ok();
         let amounts = attempt.invoice_draft.clone();
         let invoice = NewInvoice {
             series: invoice::series(
@@ -251,63 +277,67 @@ impl Engine {
         } else {
             "renewal.succeeded"
         };
-        let applied = self
-            .store
-            .apply(
-                Change {
-                    lease: Some(lease.clone()),
-                    attempt: Some(AttemptPatch {
-                        id: attempt.id,
-                        status: AttemptStatus::Succeeded,
-                        decline_kind: None,
-                        decline_code: None,
-                        gateway_reference: Some(charge.reference.clone()),
-                        reconcile_count: None,
-                    }),
-                    renewal: Some(RenewalPatch {
-                        status: RenewalStatus::Succeeded,
-                        next_attempt_at: None,
-                        note: None,
-                        release: true,
-                    }),
-                    subscription: Some(SubscriptionPatch {
-                        id: sub.id,
-                        expect_status: vec![sub.status],
-                        expect_period_end: Some(sub.current_period_end),
-                        status: Some(status),
-                        period: Some(Period {
-                            anchor_date: anchor,
-                            term: term_n,
-                            start: r.period_start,
-                            end,
-                        }),
-                        ..Default::default()
-                    }),
-                    invoice: Some(invoice),
-                    mails: vec![NewMail {
-                        subscription_id: sub.id,
-                        customer_id: sub.customer_id,
-                        kind: mail_kind,
-                        period_key: end.as_second(),
-                        offset_key: 0,
-                        recipient: work.customer.email.clone(),
-                        locale: work.customer.locale.clone(),
-                        context: ctx,
-                    }],
-                    events: vec![NewEvent {
-                        amount_minor: Some(attempt.amount_minor),
-                        currency: Some(attempt.currency.clone()),
-                        period_end: Some(end),
-                        idempotency_key: Some(attempt.idempotency_key.clone()),
-                        outcome: Some("charged".into()),
-                        detail: json!({"gateway_reference": charge.reference, "term": term_n, "terms_acceptance_id": r.terms_acceptance_id}),
-                        ..NewEvent::new(event_kind, sub)
-                    }],
-                    only_if_mail_is_new: false,
-                },
-                now,
-            )
-            .await?;
+        let change = Change {
+            lease: Some(lease.clone()),
+            attempt: Some(AttemptPatch {
+                id: attempt.id,
+                status: AttemptStatus::Succeeded,
+                decline_kind: None,
+                decline_code: None,
+                gateway_reference: Some(charge.reference.clone()),
+                reconcile_count: None,
+            }),
+            renewal: Some(RenewalPatch {
+                status: RenewalStatus::Succeeded,
+                next_attempt_at: None,
+                note: None,
+                release: true,
+            }),
+            subscription: status.map(|status| SubscriptionPatch {
+                id: sub.id,
+                expect_status: vec![sub.status],
+                expect_period_end: Some(sub.current_period_end),
+                status: Some(status),
+                period: Some(Period {
+                    anchor_date: anchor,
+                    term: term_n,
+                    start: r.period_start,
+                    end,
+                }),
+                ..Default::default()
+            }),
+            invoice: Some(invoice),
+            mails: vec![NewMail {
+                subscription_id: sub.id,
+                customer_id: sub.customer_id,
+                kind: mail_kind,
+                period_key: end.as_second(),
+                offset_key: 0,
+                recipient: work.customer.email.clone(),
+                locale: work.customer.locale.clone(),
+                context: ctx,
+            }],
+            events: vec![NewEvent {
+                amount_minor: Some(attempt.amount_minor),
+                currency: Some(attempt.currency.clone()),
+                period_end: Some(end),
+                idempotency_key: Some(attempt.idempotency_key.clone()),
+                outcome: Some("charged".into()),
+                detail: json!({"gateway_reference": charge.reference, "term": term_n, "terms_acceptance_id": r.terms_acceptance_id}),
+                ..NewEvent::new(event_kind, sub)
+            }],
+            only_if_mail_is_new: false,
+        };
+        let refund = |why: String| refund_required(change.clone(), sub, &why);
+        let applied = if change.subscription.is_none() {
+            let why = format!("subscription is {} and cannot take the payment", sub.status);
+            self.store.apply(refund(why), now).await?
+        } else {
+            match self.store.apply(change.clone(), now).await {
+                Err(StoreError::Conflict(why)) => self.store.apply(refund(why), now).await?,
+                other => other?,
+            }
+        };
         let invoice = applied
             .invoice
             .ok_or_else(|| EngineError::Internal("payment recorded without an invoice".into()))?;
@@ -407,19 +437,27 @@ impl Engine {
 
         let first = work.renewal.first_attempt_at.unwrap_or(attempt.created_at);
         let grace_end = self.grace_end(work, first);
+        // The next slot of the schedule that is still ahead: after downtime,
+        // missed slots are skipped rather than fired back to back.
         let retry_at = if hard {
             None
         } else {
-            usize::try_from(attempt.attempt_no - 1)
-                .ok()
-                .and_then(|i| self.config.raw.dunning.retry_days.get(i))
-                .and_then(|&d| {
+            let zone = self.zone_of(&work.customer);
+            let used = usize::try_from(attempt.attempt_no - 1).unwrap_or(usize::MAX);
+            self.config
+                .raw
+                .dunning
+                .retry_days
+                .iter()
+                .skip(used)
+                .filter_map(|&d| {
                     first
-                        .to_zoned(self.zone_of(&work.customer))
+                        .to_zoned(zone.clone())
                         .checked_add(Span::new().days(i64::from(d)))
                         .ok()
+                        .map(|z| z.timestamp())
                 })
-                .map(|z| z.timestamp())
+                .find(|&t| t > now)
                 .filter(|&t| t < grace_end)
         };
         let exhausted = !hard && retry_at.is_none();
@@ -671,6 +709,30 @@ impl Engine {
     }
 }
 
+/// A charge went through but the subscription can no longer be extended
+/// (it changed while the call was out). The money was taken, so the payment
+/// and its invoice are still recorded, and billing staff are told to refund.
+fn refund_required(mut change: Change, sub: &crate::store::Subscription, why: &str) -> Change {
+    tracing::error!(
+        subscription_id = sub.id,
+        customer_id = sub.customer_id,
+        outcome = "refund_required",
+        reason = why,
+        "charged, but the subscription changed meanwhile: recorded and invoiced, refund required"
+    );
+    change.subscription = None;
+    change.mails.clear();
+    if let Some(r) = change.renewal.as_mut() {
+        r.note = Some(format!("refund required: {why}"));
+    }
+    change.events.push(NewEvent {
+        outcome: Some("refund_required".into()),
+        detail: json!({"reason": why}),
+        ..NewEvent::new("renewal.refund_required", sub)
+    });
+    change
+}
+
 /// `renew:{subscription}:{period_start}:a{n}`: the same for every retry of
 /// the same attempt, different for the next attempt.
 fn idempotency_key(work: &RenewalWork, n: i64) -> String {
@@ -679,7 +741,10 @@ fn idempotency_key(work: &RenewalWork, n: i64) -> String {
     } else {
         "renew"
     };
-    format!("{prefix}:{}:{}:a{n}", work.subscription.id, work.renewal.period_start)
+    format!(
+        "{prefix}:{}:{}:a{n}",
+        work.subscription.id, work.renewal.period_start
+    )
 }
 
 /// Why this renewal must not be charged now, if it must not.

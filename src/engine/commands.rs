@@ -216,6 +216,7 @@ impl Engine {
                 Change {
                     subscription: Some(SubscriptionPatch {
                         id,
+                        expect_status: vec![sub.status],
                         auto_renew: Some(next),
                         ..Default::default()
                     }),

@@ -96,9 +96,14 @@ impl Engine {
     }
 
     async fn renewals(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
-        self.store.open_due_renewals(now).await?;
         loop {
-            let claim = self.new_claim(now);
+            // Opened again on every round: a renewal that succeeded may leave a
+            // period end still in the past (renewd was down for over a year),
+            // and that next period is due in this same sweep.
+            self.store.open_due_renewals(now).await?;
+            // The lease runs from when it is taken, not from the start of the
+            // sweep, so a long sweep never hands out already-expired claims.
+            let claim = self.new_claim(self.now().max(now));
             let ids = self
                 .store
                 .claim_renewals(now, &claim, self.config.raw.renewal.batch_size)
@@ -330,8 +335,10 @@ impl Engine {
                 match reminder::due_reminder(end, &offsets, now, &tz) {
                     Some(days) => {
                         let mut ctx = self.mail_context(sub, customer);
-                        let left = (end.as_second() - now.as_second()).div_euclid(86_400) + 1;
-                        ctx["days_left"] = json!(left.min(i64::from(days)));
+                        let today = now.to_zoned(tz.clone()).date();
+                        let last = end.to_zoned(tz.clone()).date();
+                        let left = (last - today).get_days();
+                        ctx["days_left"] = json!(left);
                         vec![(MailKind::RenewalReminder, i64::from(days), ctx)]
                     }
                     None => vec![],

@@ -951,7 +951,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(&format!(
             "UPDATE outbox SET lease_token = ?1, lease_expires_at = ?2 \
              WHERE id IN (SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?3 \
-                          AND (lease_token IS NULL OR lease_expires_at <= ?3) ORDER BY id LIMIT ?4) \
+                          AND (lease_token IS NULL OR lease_expires_at <= ?3) ORDER BY next_attempt_at, id LIMIT ?4) \
              RETURNING {MAIL_COLUMNS}"
         ))
         .bind(&claim.token)
@@ -1018,7 +1018,7 @@ impl Store for SqliteStore {
         } else {
             "failed"
         };
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, \
              lease_token = NULL, lease_expires_at = NULL WHERE id = ? AND lease_token = ?",
         )
@@ -1029,6 +1029,11 @@ impl Store for SqliteStore {
         .bind(token)
         .execute(&mut *tx)
         .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "mail {id} is no longer claimed by this sender"
+            )));
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -138,3 +138,32 @@ async fn a_declined_purchase_never_starts_the_subscription() {
     app.run_until("2028-06-01T00:00:00Z", days(7)).await;
     assert_eq!(app.charges().await.len(), 1, "never charged again");
 }
+
+#[tokio::test]
+async fn after_downtime_missed_retries_are_skipped_not_fired_back_to_back() {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    switch_card(&app, sub.id, "pm_card_chargeDeclinedInsufficientFunds").await;
+    app.set("2028-05-01T00:00:00Z");
+    app.sweep().await;
+    // Down until day 6: the retries of days 1, 3 and 5 were missed.
+    app.set("2028-05-07T00:00:00Z");
+    let s = app.sweep().await;
+    assert_eq!(s.declined, 1, "one retry now, not three in a row");
+    let renewals = app
+        .charges()
+        .await
+        .into_iter()
+        .filter(|c| c.idempotency_key.starts_with("renew:"))
+        .count();
+    assert_eq!(renewals, 2);
+    assert_eq!(app.mails_of(sub.id, MailKind::PaymentFailed).await.len(), 2);
+    app.set("2028-05-08T00:00:00Z");
+    app.sweep().await;
+    assert_eq!(
+        app.sub(sub.id).await.status.as_str(),
+        "expired",
+        "the day-7 retry was the last"
+    );
+}

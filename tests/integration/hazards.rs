@@ -233,3 +233,105 @@ async fn a_subscription_cancelled_or_switched_off_after_the_claim_is_not_charged
     assert_eq!((s.renewed, s.skipped, s.expired), (0, 1, 1));
     assert_eq!(app.charges().await.len(), 1, "only the purchase");
 }
+
+#[tokio::test]
+async fn a_not_found_answer_is_not_trusted_while_the_first_request_may_still_be_in_flight() {
+    // Without the settle window, a worker reconciling 10 s after a lost
+    // request would charge a new key while the first request could still land.
+    let app = TestApp::spawn_with(
+        "2027-05-01T00:00:00Z",
+        &[
+            ("RENEWD__DUNNING__RECONCILE_BACKOFF", "10s"),
+            ("RENEWD__GATEWAY__TIMEOUT", "30s"),
+        ],
+        |g| g,
+    )
+    .await;
+    app.tokyo_subscription().await;
+    let mut app = app;
+    app.engine.gateway = Arc::new(Unreachable {
+        inner: app.sandbox.clone(),
+        remaining: AtomicU32::new(1),
+    });
+    app.set("2028-05-01T00:00:00Z");
+    assert_eq!(app.sweep().await.unknown, 1);
+    app.set("2028-05-01T00:00:10Z");
+    let s = app.sweep().await;
+    assert_eq!(
+        (s.renewed, s.unknown),
+        (0, 1),
+        "still unknown inside the settle window"
+    );
+    assert_eq!(app.charges().await.len(), 1, "no second key yet");
+    app.set("2028-05-01T00:00:40Z");
+    assert_eq!(app.sweep().await.renewed, 1);
+    assert!(app.charges().await[1].idempotency_key.ends_with(":a2"));
+}
+
+#[tokio::test]
+async fn a_charge_that_lands_after_the_subscription_changed_is_still_invoiced_and_flagged_for_refund(
+) {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    let mut app = app;
+    app.engine.gateway = Arc::new(LosesAnswers {
+        inner: app.sandbox.clone(),
+        remaining: AtomicU32::new(1),
+    });
+    app.set("2028-05-01T00:00:00Z");
+    assert_eq!(app.sweep().await.unknown, 1);
+    // Meanwhile the subscription is cancelled by hand.
+    app.engine
+        .store
+        .apply(
+            renewd::store::Change {
+                subscription: Some(renewd::store::SubscriptionPatch {
+                    id: sub.id,
+                    status: Some(renewd::domain::Status::Cancelled),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            app.now(),
+        )
+        .await
+        .unwrap();
+    app.set("2028-05-01T00:01:00Z");
+    app.sweep().await;
+    let invoices = app.invoices(sub.id).await;
+    assert_eq!(invoices.len(), 2, "the charge taken is invoiced");
+    assert_eq!(
+        invoices[1].payment_reference.as_deref(),
+        Some(app.charges().await[1].id.as_str())
+    );
+    let events = app.engine.store.events(Some(sub.id)).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "renewal.refund_required"));
+    assert_eq!(app.sub(sub.id).await.status.as_str(), "cancelled");
+    assert!(app
+        .mails_of(sub.id, renewd::mail::MailKind::Receipt)
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn after_more_than_a_year_down_every_missed_period_is_renewed_in_one_sweep_and_the_next_sweep_does_nothing(
+) {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2029-06-01T00:00:00Z");
+    assert_eq!(app.sweep().await.renewed, 2);
+    let before = app.fingerprint().await;
+    assert_eq!(app.sweep().await.renewed, 0);
+    assert_eq!(app.fingerprint().await, before);
+    assert_eq!(app.sub(sub.id).await.term, 3);
+    assert_eq!(app.succeeded_charges().await.len(), 3);
+}
+
+#[tokio::test]
+async fn downtime_longer_than_the_grace_period_still_charges_instead_of_expiring() {
+    let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2028-06-15T00:00:00Z");
+    assert_eq!(app.sweep().await.renewed, 1);
+    assert_eq!(app.sub(sub.id).await.status.as_str(), "active");
+}
