@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 use crate::domain::values::{Country, Locale, Zone};
 use crate::domain::Currency;
 
+mod diagnostics;
+pub use diagnostics::{credential_path, read_secret_file};
+use diagnostics::{
+    check_http_listen, environment_problems, explain_load_error, one_line, unknown_keys, Origins,
+};
+
 /// The defaults compiled into the binary (the file `config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -35,6 +41,7 @@ pub struct Settings {
     pub schedule: ScheduleSettings,
     pub renewal: RenewalSettings,
     pub dunning: DunningSettings,
+    pub bank_transfer: BankTransferSettings,
     pub gateway: GatewaySettings,
     pub mail: MailSettings,
     pub invoice: InvoiceSettings,
@@ -44,6 +51,7 @@ pub struct Settings {
     pub tax: TaxSettings,
     pub customer_defaults: CustomerDefaults,
     pub http: HttpSettings,
+    pub shutdown: ShutdownSettings,
     pub log: LogSettings,
 }
 
@@ -80,6 +88,14 @@ pub struct DunningSettings {
     pub reconcile_backoff: Vec<String>,
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BankTransferSettings {
+    pub lead_days: u32,
+    pub due_days: u32,
+    pub grace_days: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GatewayKind {
@@ -93,6 +109,75 @@ pub struct GatewaySettings {
     pub kind: GatewayKind,
     pub timeout: String,
     pub sandbox: SandboxSettings,
+    pub stripe: StripeSettings,
+}
+
+/// The Stripe gateway's settings. The key is a secret: `Debug` hides it and
+/// `check-config` shows it as `***`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeSettings {
+    /// A secret (`sk_...`) or restricted (`rk_...`) key; empty when the key
+    /// comes from `api_key_file`.
+    #[serde(serialize_with = "serialize_secret")]
+    pub api_key: secrecy::SecretString,
+    /// A file holding the key (e.g. a systemd credential); empty means none.
+    pub api_key_file: String,
+    pub base_url: String,
+    /// The longest one HTTP request to Stripe may take.
+    pub request_timeout: String,
+}
+
+impl StripeSettings {
+    /// The API key, from `api_key` or read from `api_key_file`. The error
+    /// names the setting and never shows the secret.
+    pub fn resolve_api_key(&self) -> Result<secrecy::SecretString, String> {
+        use secrecy::ExposeSecret;
+        let inline = self.api_key.expose_secret().trim();
+        let key = match (inline.is_empty(), self.api_key_file.is_empty()) {
+            (false, false) => {
+                return Err("gateway.stripe.api_key and gateway.stripe.api_key_file are both set; keep one".into())
+            }
+            (true, true) => {
+                return Err("gateway.stripe.api_key is empty and gateway.stripe.api_key_file is not set; give the Stripe secret key in one of them (or RENEWD__GATEWAY__STRIPE__API_KEY)".into())
+            }
+            (false, true) => inline.to_string(),
+            (true, false) => {
+                let text = std::fs::read_to_string(&self.api_key_file).map_err(|e| {
+                    format!(
+                        "gateway.stripe.api_key_file = {:?} cannot be read: {e}",
+                        self.api_key_file
+                    )
+                })?;
+                let key = text.trim().to_string();
+                if key.is_empty() {
+                    return Err(format!(
+                        "gateway.stripe.api_key_file = {:?} is empty; it must hold the Stripe secret key",
+                        self.api_key_file
+                    ));
+                }
+                key
+            }
+        };
+        if !(key.starts_with("sk_") || key.starts_with("rk_")) || key.contains(char::is_whitespace)
+        {
+            return Err("gateway.stripe.api_key: not a Stripe secret key; it starts with sk_ or rk_ (a publishable pk_ key cannot charge)".into());
+        }
+        Ok(key.into())
+    }
+}
+
+/// Writes a secret as `***` (or empty when unset), for `check-config`.
+fn serialize_secret<S: serde::Serializer>(
+    secret: &secrecy::SecretString,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use secrecy::ExposeSecret;
+    s.serialize_str(if secret.expose_secret().is_empty() {
+        ""
+    } else {
+        "***"
+    })
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -115,7 +200,20 @@ pub struct MailSettings {
     pub transport: MailTransportKind,
     pub from: String,
     pub max_attempts: u32,
+    /// Operator overrides of the mail templates; empty means built-in only.
+    pub templates_dir: String,
     pub smtp: SmtpSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain text, for a relay on localhost only.
+    None,
+    /// Connect in plain text, then upgrade; refuse a server that cannot.
+    Starttls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Implicit,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,7 +221,20 @@ pub struct MailSettings {
 pub struct SmtpSettings {
     pub host: String,
     pub port: u16,
-    pub tls: String,
+    pub tls: SmtpTls,
+    /// Empty means no authentication.
+    pub username: String,
+    /// Empty when the password comes from `password_file`.
+    #[serde(serialize_with = "serialize_secret")]
+    pub password: secrecy::SecretString,
+    /// A file holding the password (e.g. a systemd credential); empty means none.
+    pub password_file: String,
+    /// Extra PEM root certificates to trust, for a relay with a private CA.
+    pub ca_file: String,
+    /// Connections kept open to the relay, and messages sent at once.
+    pub pool_size: u32,
+    /// The longest one message may take, connecting included.
+    pub timeout: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -177,6 +288,13 @@ pub struct CustomerDefaults {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long in-flight renewals may take to finish after SIGTERM.
+    pub timeout: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -261,20 +379,55 @@ impl Config {
         };
         let merged = builder.build().map_err(|e| ConfigError::Load {
             source_name: describe.clone(),
-            message: e.to_string(),
+            message: one_line(&e.to_string()),
         })?;
-        let raw: Settings = merged.try_deserialize().map_err(|e| ConfigError::Load {
-            source_name: describe.clone(),
-            message: e.to_string(),
-        })?;
-        Config::validate(raw).map_err(|problems| {
-            ConfigError::Invalid(
-                problems
-                    .into_iter()
-                    .map(|p| format!("{describe}: {p}"))
+        // Every problem line names where its key was set: the variable, the
+        // file, or the built-in defaults.
+        let origins = Origins::new(file, &env_names, &describe);
+        let unknown = unknown_keys(&merged);
+        if !unknown.is_empty() {
+            return Err(ConfigError::Invalid(
+                unknown
+                    .iter()
+                    .map(|p| format!("{}: {p}", origins.of_problem(p)))
                     .collect(),
-            )
-        })
+            ));
+        }
+        let raw: Settings = merged.try_deserialize().map_err(|e| {
+            let problem = explain_load_error(&e.to_string());
+            ConfigError::Invalid(vec![format!("{}: {problem}", origins.of_problem(&problem))])
+        })?;
+        let mut problems = environment_problems(&raw);
+        let result = Config::validate(raw);
+        let problems = match result {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => problems,
+            Err(mut p) => {
+                p.append(&mut problems);
+                p
+            }
+        };
+        Err(ConfigError::Invalid(
+            problems
+                .into_iter()
+                .map(|p| format!("{}: {p}", origins.of_problem(&p)))
+                .collect(),
+        ))
+    }
+
+    /// How long in-flight work may take to finish after SIGTERM.
+    pub fn shutdown_timeout(&self) -> std::time::Duration {
+        self.raw
+            .shutdown
+            .timeout
+            .parse::<SignedDuration>()
+            .map(|d| d.unsigned_abs())
+            .unwrap_or(std::time::Duration::from_secs(60))
+    }
+
+    /// The health and metrics address, when `http.listen` is set.
+    pub fn http_listen(&self) -> Option<std::net::SocketAddr> {
+        self.raw.http.listen.parse().ok()
     }
 
     /// Checks every key that has rules beyond its type; returns one message
@@ -324,6 +477,12 @@ impl Config {
         }
         if raw.renewal.upcoming_notice_days == 0 || raw.renewal.upcoming_notice_days > 366 {
             problems.push("renewal.upcoming_notice_days must be 1..=366".into());
+        }
+        if raw.bank_transfer.lead_days == 0 || raw.bank_transfer.lead_days > 180 {
+            problems.push("bank_transfer.lead_days must be 1..=180".into());
+        }
+        if raw.bank_transfer.due_days == 0 || raw.bank_transfer.due_days > 180 {
+            problems.push("bank_transfer.due_days must be 1..=180".into());
         }
         if raw.renewal.batch_size == 0 {
             problems.push("renewal.batch_size must be at least 1".into());
@@ -437,15 +596,46 @@ impl Config {
             );
         }
         if raw.mail.transport == MailTransportKind::Smtp {
-            problems.push(
-                "mail.transport = \"smtp\" is not available in this build yet; use \"file\"".into(),
-            );
+            problems.extend(crate::mail::smtp::check_settings(&raw.mail.smtp));
+        }
+        if !raw.mail.templates_dir.is_empty() {
+            if let Err(e) =
+                crate::mail::templates::for_dir(Some(Path::new(&raw.mail.templates_dir)))
+            {
+                problems.push(format!("mail.templates_dir: {e}"));
+            }
         }
         if raw.gateway.kind == GatewayKind::Stripe {
-            problems.push(
-                "gateway.kind = \"stripe\" is not available in this build yet; use \"sandbox\""
-                    .into(),
+            let stripe = &raw.gateway.stripe;
+            if let Err(e) = stripe.resolve_api_key() {
+                problems.push(e);
+            }
+            if !(stripe.base_url.starts_with("https://") || stripe.base_url.starts_with("http://"))
+            {
+                problems.push(format!(
+                    "gateway.stripe.base_url = {:?} is not an http(s) URL; use \"https://api.stripe.com\"",
+                    stripe.base_url
+                ));
+            }
+            let request_timeout = parse_duration(
+                "gateway.stripe.request_timeout",
+                &stripe.request_timeout,
+                &mut problems,
             );
+            // A "no such key" from Stripe's search is only final once the
+            // charge could have been made and indexed (see gateway::stripe).
+            let needed = request_timeout
+                .saturating_mul(2)
+                .saturating_add(crate::gateway::stripe::SEARCH_LAG);
+            if gateway_timeout < needed {
+                problems.push(format!(
+                    "gateway.timeout = {:?} is too short for gateway.kind = \"stripe\": it must cover two requests of gateway.stripe.request_timeout = {:?} plus {:#} for Stripe's search index to catch up; use at least {:#}",
+                    raw.gateway.timeout,
+                    stripe.request_timeout,
+                    crate::gateway::stripe::SEARCH_LAG,
+                    needed
+                ));
+            }
         }
         if raw.mail.max_attempts == 0 {
             problems.push("mail.max_attempts must be at least 1".into());
@@ -454,6 +644,16 @@ impl Config {
             problems.push(format!(
                 "mail.from = {:?} is not a mailbox; use \"Name <address@example.com>\"",
                 raw.mail.from
+            ));
+        }
+        if let Some(problem) = check_http_listen(&raw.http.listen) {
+            problems.push(problem);
+        }
+        let shutdown = parse_duration("shutdown.timeout", &raw.shutdown.timeout, &mut problems);
+        if shutdown > SignedDuration::from_mins(10) {
+            problems.push(format!(
+                "shutdown.timeout = {:?} is too long; use at most \"10m\" and keep it below the unit's TimeoutStopSec",
+                raw.shutdown.timeout
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {

@@ -10,8 +10,10 @@ use crate::clock::SharedClock;
 use crate::config::{Config, GatewayKind, MailTransportKind};
 use crate::engine::{instance_name, Engine};
 use crate::gateway::sandbox::SandboxGateway;
+use crate::gateway::stripe::StripeGateway;
 use crate::gateway::PaymentGateway;
 use crate::mail::file::FileTransport;
+use crate::mail::smtp::SmtpTransport;
 use crate::mail::MailTransport;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -51,16 +53,21 @@ pub async fn build_engine(config: Arc<Config>, clock: SharedClock) -> anyhow::Re
     let store = open_store(&config).await?;
     let gateway: Arc<dyn PaymentGateway> = match config.raw.gateway.kind {
         GatewayKind::Sandbox => open_sandbox(&config, clock.clone()).await?,
-        GatewayKind::Stripe => {
-            anyhow::bail!("gateway.kind = \"stripe\" is not available in this build")
-        }
+        GatewayKind::Stripe => Arc::new(
+            StripeGateway::from_config(&config).context("cannot set up the Stripe gateway")?,
+        ),
     };
     let transport: Arc<dyn MailTransport> = match config.raw.mail.transport {
         MailTransportKind::File => Arc::new(FileTransport::new(config.mail_dir())),
-        MailTransportKind::Smtp => {
-            anyhow::bail!("mail.transport = \"smtp\" is not available in this build")
-        }
+        MailTransportKind::Smtp => Arc::new(
+            SmtpTransport::new(&config.raw.mail.smtp)
+                .map_err(anyhow::Error::msg)
+                .context("cannot set up the SMTP transport")?,
+        ),
     };
+    crate::mail::templates::install(crate::mail::templates::for_dir(
+        Some(std::path::Path::new(&config.raw.mail.templates_dir)),
+    )?);
     Ok(Engine {
         store,
         gateway,

@@ -61,7 +61,8 @@ CREATE TABLE renewals (
     kind                TEXT    NOT NULL CHECK (kind IN ('purchase', 'auto', 'manual')),
     period_start        INTEGER NOT NULL,
     term                INTEGER NOT NULL,
-    status              TEXT    NOT NULL CHECK (status IN ('pending', 'retrying', 'action_required', 'succeeded', 'failed', 'skipped')),
+    -- awaiting_transfer: an open invoice was issued for a bank transfer.
+    status              TEXT    NOT NULL CHECK (status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer', 'succeeded', 'failed', 'skipped')),
     attempt_count       INTEGER NOT NULL DEFAULT 0,
     first_attempt_at    INTEGER,
     next_attempt_at     INTEGER,
@@ -69,12 +70,14 @@ CREATE TABLE renewals (
     lease_owner         TEXT,
     lease_expires_at    INTEGER,
     terms_acceptance_id INTEGER REFERENCES terms_acceptances(id),
+    -- For a manual renewal: auto-renewal after it is paid (1 on, 0 kept off).
+    auto_renew_after    INTEGER,
     outcome_note        TEXT,
     created_at          INTEGER NOT NULL,
     updated_at          INTEGER NOT NULL,
     UNIQUE (subscription_id, period_start)
 );
-CREATE INDEX renewals_due ON renewals (next_attempt_at) WHERE status IN ('pending', 'retrying', 'action_required');
+CREATE INDEX renewals_due ON renewals (next_attempt_at) WHERE status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer');
 
 -- Every call to the gateway, committed before the call is made.
 CREATE TABLE payment_attempts (
@@ -187,3 +190,17 @@ CREATE TABLE events (
     detail              TEXT
 );
 CREATE INDEX events_subscription ON events (subscription_id, id);
+
+-- Support requests (cancellation goes through one).
+CREATE TABLE requests (
+    id                  INTEGER PRIMARY KEY,
+    subscription_id     INTEGER NOT NULL REFERENCES subscriptions(id),
+    kind                TEXT    NOT NULL CHECK (kind IN ('cancel')),
+    status              TEXT    NOT NULL CHECK (status IN ('open', 'in_progress', 'resolved', 'rejected')),
+    reason              TEXT    NOT NULL,
+    resolution          TEXT,
+    created_at          INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL,
+    resolved_at         INTEGER
+);
+CREATE INDEX requests_subscription ON requests (subscription_id);

@@ -30,6 +30,15 @@ pub enum InvoiceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Record the bank transfer that pays an open invoice.
+    MarkPaid {
+        number: String,
+        /// The bank's reference of the transfer.
+        #[arg(long)]
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write an invoice document.
     Download {
         number: String,
@@ -98,23 +107,24 @@ pub async fn run(engine: &Engine, cmd: InvoiceCommand) -> CliResult {
                 Ok(())
             }
         }
-        InvoiceCommand::Download {
-            number,
-            format,
-            out,
-        } => {
-            if matches!(format, Format::Pdf) {
-                return Err(Failure::usage(
-                    "--format pdf is not available in this build yet; use --format html",
-                ));
+        InvoiceCommand::MarkPaid { number, reference, json } => {
+            let i = engine.mark_paid(&number, &reference).await?;
+            if json {
+                print_json(&views::invoice(&i, false))
+            } else {
+                println!("{} paid (reference {}); subscription {} renewed", i.number, reference.trim(), i.subscription_id);
+                Ok(())
             }
+        }
+        InvoiceCommand::Download { number, format, out } => {
             let i = find(engine, &number).await?;
-            let html = docs::render_html(&i).map_err(|e| Failure {
-                message: e.to_string(),
-                code: 1,
-            })?;
-            let path = out.unwrap_or_else(|| PathBuf::from(format!("{number}.html")));
-            std::fs::write(&path, html).map_err(|e| Failure {
+            let (bytes, ext) = match format {
+                Format::Html => (docs::render_html(&i).map(String::into_bytes), "html"),
+                Format::Pdf => (docs::render_pdf(&i), "pdf"),
+            };
+            let bytes = bytes.map_err(|e| Failure { message: e.to_string(), code: 1 })?;
+            let path = out.unwrap_or_else(|| PathBuf::from(format!("{number}.{ext}")));
+            std::fs::write(&path, bytes).map_err(|e| Failure {
                 message: format!("cannot write {}: {e}", path.display()),
                 code: 1,
             })?;

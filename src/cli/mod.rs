@@ -8,6 +8,7 @@ mod customer;
 mod invoice;
 mod mail;
 mod ops;
+mod request;
 mod subscription;
 mod views;
 
@@ -87,6 +88,9 @@ pub enum Command {
     Invoice(invoice::InvoiceCommand),
     #[command(subcommand)]
     Mail(mail::MailCommand),
+    /// Support requests (cancellation).
+    #[command(subcommand)]
+    Request(request::RequestCommand),
     /// The audit log, oldest first.
     Events {
         #[arg(long)]
@@ -175,6 +179,12 @@ pub async fn run(cli: Cli) -> CliResult {
         }
         Command::Sandbox(cmd) => ops::sandbox(config, clock, cmd).await,
         command => {
+            // Held until the daemon returns: a second `run` on the same
+            // SQLite file is refused before it migrates or sweeps anything.
+            let _instance = match command {
+                Command::Run { .. } => crate::daemon::lock_instance(&config)?,
+                _ => None,
+            };
             let engine = Arc::new(crate::startup::build_engine(config, clock).await?);
             dispatch(engine, command).await
         }
@@ -196,6 +206,7 @@ async fn dispatch(engine: Arc<Engine>, command: Command) -> CliResult {
         Command::Subscription(cmd) => subscription::run(&engine, cmd).await,
         Command::Invoice(cmd) => invoice::run(&engine, cmd).await,
         Command::Mail(cmd) => mail::run(&engine, cmd).await,
+        Command::Request(cmd) => request::run(&engine, cmd).await,
         Command::CheckConfig { .. } | Command::Simulate { .. } | Command::Sandbox(_) => {
             Err(Failure::usage("internal: command dispatched twice"))
         }

@@ -4,13 +4,43 @@ use clap::{Subcommand, ValueEnum};
 
 use super::{parse_now, print_json, views, CliResult, Failure};
 use crate::domain::Status;
-use crate::engine::{Engine, PurchaseInput};
+use crate::engine::{ContactInput, Engine, FlowResult, PurchaseInput, RenewInput};
 use crate::store::{Subscription, SubscriptionFilter};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Switch {
     On,
     Off,
+}
+
+/// The bank-transfer contact (with --bank-transfer).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Contact {
+    #[arg(long)]
+    contact_name: Option<String>,
+    #[arg(long)]
+    contact_phone: Option<String>,
+    #[arg(long)]
+    contact_email: Option<String>,
+}
+
+impl Contact {
+    fn input(self, bank_transfer: bool) -> Result<Option<ContactInput>, Failure> {
+        let given = self.contact_name.is_some() || self.contact_phone.is_some() || self.contact_email.is_some();
+        if !bank_transfer {
+            return if given {
+                Err(Failure::usage("--contact-* options go with --bank-transfer"))
+            } else {
+                Ok(None)
+            };
+        }
+        match (self.contact_name, self.contact_phone, self.contact_email) {
+            (Some(name), Some(phone), Some(email)) => Ok(Some(ContactInput { name, phone, email })),
+            _ => Err(Failure::usage(
+                "--bank-transfer needs --contact-name, --contact-phone and --contact-email",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,9 +60,41 @@ pub enum SubscriptionCommand {
         /// YYYY-MM; a card expiring before a renewal triggers a warning email.
         #[arg(long, value_name = "YYYY-MM")]
         card_expiry: Option<String>,
-        /// Pay by electronic bank transfer.
+        /// Pay by electronic bank transfer (an open invoice is issued).
         #[arg(long)]
         bank_transfer: bool,
+        #[command(flatten)]
+        contact: Contact,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Renew now: by card (charged at once) or bank transfer (open invoice).
+    Renew {
+        id: i64,
+        #[arg(long, value_name = "VERSION")]
+        accept_terms: Option<String>,
+        /// A new card to pay with (default: the stored payment method).
+        #[arg(long, value_name = "PM_TOKEN")]
+        card: Option<String>,
+        #[arg(long, value_name = "YYYY-MM")]
+        card_expiry: Option<String>,
+        #[arg(long)]
+        bank_transfer: bool,
+        #[command(flatten)]
+        contact: Contact,
+        /// Keep automatic renewal off after this renewal.
+        #[arg(long)]
+        no_auto_renew: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store a new card; the next renewal (or pending retry) uses it.
+    PaymentMethod {
+        id: i64,
+        #[arg(long, value_name = "PM_TOKEN")]
+        card: String,
+        #[arg(long, value_name = "YYYY-MM")]
+        card_expiry: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -72,15 +134,18 @@ pub async fn run(engine: &Engine, cmd: SubscriptionCommand) -> CliResult {
             card,
             card_expiry,
             bank_transfer,
+            contact,
             json,
         } => {
-            if bank_transfer {
-                return Err(Failure::usage(
-                    "--bank-transfer purchases are not available in this build yet; pay with --card PM_TOKEN",
-                ));
-            }
             // Terms first: without acceptance the payment is refused whatever else is wrong.
             engine.check_terms(accept_terms.as_deref())?;
+            if let Some(contact) = contact.input(bank_transfer)? {
+                if card.is_some() {
+                    return Err(Failure::usage("choose one payment method: --card or --bank-transfer"));
+                }
+                let r = engine.purchase_by_transfer(customer, plan, accept_terms.as_deref(), &contact).await?;
+                return report(r, json);
+            }
             let card = card.ok_or_else(|| {
                 Failure::usage("choose a payment method: --card PM_TOKEN (e.g. pm_card_visa)")
             })?;
@@ -113,6 +178,23 @@ pub async fn run(engine: &Engine, cmd: SubscriptionCommand) -> CliResult {
                     code: 1,
                 }),
                 None => Ok(()),
+            }
+        }
+        SubscriptionCommand::Renew { id, accept_terms, card, card_expiry, bank_transfer, contact, no_auto_renew, json } => {
+            engine.check_terms(accept_terms.as_deref())?;
+            let bank_transfer = contact.input(bank_transfer)?;
+            let r = engine
+                .renew(RenewInput { subscription_id: id, accept_terms, card, card_expiry, bank_transfer, no_auto_renew })
+                .await?;
+            report(r, json)
+        }
+        SubscriptionCommand::PaymentMethod { id, card, card_expiry, json } => {
+            let s = engine.set_payment_method(id, &card, card_expiry.as_deref()).await?;
+            if json {
+                print_json(&views::subscription(&s))
+            } else {
+                print_subscription(&s);
+                Ok(())
             }
         }
         SubscriptionCommand::Show { id, json } => {
@@ -165,6 +247,25 @@ pub async fn run(engine: &Engine, cmd: SubscriptionCommand) -> CliResult {
                 Ok(())
             }
         }
+    }
+}
+
+/// Prints the subscription and invoice a purchase or renewal led to; a
+/// payment that did not go through is the command's error.
+fn report(r: FlowResult, json: bool) -> CliResult {
+    if json {
+        let mut v = views::subscription(&r.subscription);
+        v["invoice"] = r.invoice.as_ref().map(|i| views::invoice(i, false)).unwrap_or_default();
+        print_json(&v)?;
+    } else {
+        print_subscription(&r.subscription);
+        if let Some(inv) = &r.invoice {
+            println!("invoice {} {} (total {} {})", inv.number, inv.status, inv.total_minor, inv.currency);
+        }
+    }
+    match r.problem {
+        Some(p) => Err(Failure { message: p, code: 1 }),
+        None => Ok(()),
     }
 }
 

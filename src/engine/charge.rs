@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::{Engine, EngineError, EngineResult};
 use crate::domain::subscription::Event as SubEvent;
-use crate::domain::{term, Currency, Money, Status};
+use crate::domain::{term, AutoRenew, Currency, Money, Status};
 use crate::gateway::{Charge, ChargeRequest, GatewayError, Lookup};
 use crate::invoice;
 use crate::mail::MailKind;
@@ -30,6 +30,8 @@ use crate::store::{
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Renewed(Box<Invoice>),
+    /// An open invoice was issued (bank transfer); payment is recorded later.
+    Issued(Box<Invoice>),
     Declined {
         retry_at: Option<Timestamp>,
         code: String,
@@ -107,8 +109,11 @@ impl Engine {
         if let Some(reason) = no_charge_reason(&work) {
             return self.skip(&work, lease, reason, now).await;
         }
+        if matches!(work.subscription.payment, PaymentMethod::BankTransfer { .. }) {
+            return self.process_transfer(&work, lease, now).await;
+        }
         if let Some(first) = work.renewal.first_attempt_at {
-            if work.renewal.kind != RenewalKind::Purchase && now >= self.grace_end(&work, first) {
+            if work.renewal.kind == RenewalKind::Auto && now >= self.grace_end(&work, first) {
                 return self
                     .expire_unpaid(&work, lease, "grace period over", now)
                     .await;
@@ -169,6 +174,14 @@ impl Engine {
             latency_ms = started.elapsed().as_millis() as u64,
             "gateway answered"
         );
+        let outcome = match &result {
+            Ok(_) => "succeeded",
+            Err(GatewayError::Unknown(_)) => "unknown",
+            Err(_) => "declined",
+        };
+        metrics::counter!(crate::monitoring::GATEWAY_CHARGES, "outcome" => outcome).increment(1);
+        metrics::histogram!(crate::monitoring::GATEWAY_LATENCY, "operation" => "charge")
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(charge) => {
                 self.record_success(&work, &attempt, charge, lease, now)
@@ -195,7 +208,107 @@ impl Engine {
             .unwrap_or(false)
     }
 
-    async fn load(&self, lease: &Lease) -> EngineResult<RenewalWork> {
+    /// The term a payment of this renewal buys, and the subscription's status
+    /// after it (`None` if the subscription can no longer take a payment).
+    /// A purchase, or a renewal of an expired subscription, starts a new
+    /// anchor at the renewal's start; otherwise the term follows the anchor.
+    pub(super) fn new_term(&self, work: &RenewalWork) -> EngineResult<(Period, Option<Status>)> {
+        let sub = &work.subscription;
+        let r = &work.renewal;
+        let fresh = r.kind == RenewalKind::Purchase || sub.status == Status::Expired;
+        let anchor = match (fresh, sub.anchor_date) {
+            (false, Some(a)) => a,
+            _ => term::anchor_date(r.period_start, &self.zone_of(&work.customer)),
+        };
+        let term_n = if fresh { 1 } else { r.term };
+        let end = self.period_end(anchor, term_n, &work.customer)?;
+        let event = if sub.status == Status::Expired {
+            SubEvent::ManualRenewal
+        } else {
+            SubEvent::Paid
+        };
+        let period = Period {
+            anchor_date: anchor,
+            term: term_n,
+            start: r.period_start,
+            end,
+        };
+        Ok((period, sub.status.on(event).ok()))
+    }
+
+    /// The guarded update that gives the subscription its new term; a manual
+    /// renewal also resets the auto-renewal switch (rule 3).
+    pub(super) fn term_patch(&self, work: &RenewalWork, status: Status, period: Period) -> SubscriptionPatch {
+        let sub = &work.subscription;
+        let auto_renew = (work.renewal.kind == RenewalKind::Manual)
+            .then(|| AutoRenew::after_manual_renewal(!work.renewal.auto_renew_after.unwrap_or(true)));
+        SubscriptionPatch {
+            id: sub.id,
+            expect_status: vec![sub.status],
+            expect_period_end: Some(sub.current_period_end),
+            status: Some(status),
+            period: Some(period),
+            auto_renew,
+            ..Default::default()
+        }
+    }
+
+    /// A declined manual renewal changes nothing for the subscription: the
+    /// person renewing sees the decline at once. The period goes back to the
+    /// automatic flow (due at its start, or retried tomorrow if already
+    /// past due), so refusing a manual card never loses the renewal.
+    async fn manual_declined(
+        &self,
+        work: &RenewalWork,
+        attempt_patch: AttemptPatch,
+        event: NewEvent,
+        decline: &GatewayError,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
+        let expired = work.subscription.status == Status::Expired;
+        let (status, next) = if expired {
+            (RenewalStatus::Failed, None)
+        } else if work.renewal.period_start > now {
+            (RenewalStatus::Pending, Some(work.renewal.period_start))
+        } else {
+            (
+                RenewalStatus::Retrying,
+                now.saturating_add(jiff::SignedDuration::from_hours(24)).ok(),
+            )
+        };
+        self.store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    attempt: Some(attempt_patch),
+                    renewal: Some(RenewalPatch {
+                        status,
+                        next_attempt_at: next,
+                        note: Some(decline.to_string()),
+                        release: true,
+                    }),
+                    renewal_kind: (!expired).then_some(RenewalKind::Auto),
+                    events: vec![event],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::warn!(
+            subscription_id = work.subscription.id,
+            customer_id = work.subscription.customer_id,
+            outcome = "declined",
+            decline_code = decline.code(),
+            "manual renewal declined"
+        );
+        Ok(Outcome::Declined {
+            retry_at: None,
+            code: decline.code().to_string(),
+        })
+    }
+
+    pub(super) async fn load(&self, lease: &Lease) -> EngineResult<RenewalWork> {
         self.store
             .renewal_work(lease.renewal_id)
             .await?
@@ -225,21 +338,8 @@ impl Engine {
         let sub = &work.subscription;
         let r = &work.renewal;
         let purchase = r.kind == RenewalKind::Purchase;
-        let fresh_anchor = purchase || sub.status == Status::Expired;
-        let anchor = match (fresh_anchor, sub.anchor_date) {
-            (false, Some(a)) => a,
-            _ => term::anchor_date(r.period_start, &self.zone_of(&work.customer)),
-        };
-        let term_n = if fresh_anchor { 1 } else { r.term };
-        let end = self.period_end(anchor, term_n, &work.customer)?;
-        let event = if sub.status == Status::Expired {
-            SubEvent::ManualRenewal
-        } else {
-            SubEvent::Paid
-        };
-        // None when the subscription moved on while the charge was out
-        // (cancelled, say): the payment is still recorded and invoiced below.
-        let status = sub.status.on(event).ok();
+        let (period, status) = self.new_term(work)?;
+        let (term_n, end) = (period.term, period.end);
         let amounts = attempt.invoice_draft.clone();
         let invoice = NewInvoice {
             series: invoice::series(
@@ -267,7 +367,7 @@ impl Engine {
         ctx["amount"] = json!(self.money(attempt.amount_minor, &attempt.currency));
         ctx["new_period_end_date"] = json!(self.local_date(end, &work.customer));
         ctx["period_end_date"] = json!(self.local_date(end, &work.customer));
-        let mail_kind = if purchase {
+        let mail_kind = if r.kind != RenewalKind::Auto {
             MailKind::OrderConfirmation
         } else {
             MailKind::Receipt
@@ -293,19 +393,7 @@ impl Engine {
                 note: None,
                 release: true,
             }),
-            subscription: status.map(|status| SubscriptionPatch {
-                id: sub.id,
-                expect_status: vec![sub.status],
-                expect_period_end: Some(sub.current_period_end),
-                status: Some(status),
-                period: Some(Period {
-                    anchor_date: anchor,
-                    term: term_n,
-                    start: r.period_start,
-                    end,
-                }),
-                ..Default::default()
-            }),
+            subscription: status.map(|status| self.term_patch(work, status, period)),
             invoice: Some(invoice),
             mails: vec![NewMail {
                 subscription_id: sub.id,
@@ -327,6 +415,7 @@ impl Engine {
                 ..NewEvent::new(event_kind, sub)
             }],
             only_if_mail_is_new: false,
+            ..Default::default()
         };
         let refund = |why: String| refund_required(change.clone(), sub, &why);
         let applied = if change.subscription.is_none() {
@@ -390,6 +479,9 @@ impl Engine {
             ..NewEvent::new("charge.declined", sub)
         };
 
+        if work.renewal.kind == RenewalKind::Manual {
+            return self.manual_declined(work, attempt_patch, base_event, &decline, lease, now).await;
+        }
         if work.renewal.kind == RenewalKind::Purchase {
             // A refused first payment: the subscription never starts.
             let status = sub
@@ -695,7 +787,7 @@ impl Engine {
         Ok(Outcome::Expired { declined: false })
     }
 
-    fn expired_mail(&self, work: &RenewalWork, period_key: i64) -> NewMail {
+    pub(super) fn expired_mail(&self, work: &RenewalWork, period_key: i64) -> NewMail {
         NewMail {
             subscription_id: work.subscription.id,
             customer_id: work.subscription.customer_id,

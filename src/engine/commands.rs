@@ -177,7 +177,7 @@ impl Engine {
                 EngineError::Internal(format!("subscription {} vanished", sub.id))
             })?;
         let (invoice, problem) = match outcome {
-            Outcome::Renewed(inv) => (Some(*inv), None),
+            Outcome::Renewed(inv) | Outcome::Issued(inv) => (Some(*inv), None),
             Outcome::Declined { code, .. } => (None, Some(format!(
                 "card declined ({code}); subscription {} was not started; try another card", sub.id
             ))),

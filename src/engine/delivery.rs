@@ -1,15 +1,28 @@
 //! Delivers the outbox: claims queued mail with a lease, renders it, hands
 //! it to the transport and records the result. A failure is retried with
 //! exponential backoff up to `mail.max_attempts`, then marked failed; a
-//! permanent rejection fails at once. One message never blocks the others.
+//! permanent rejection fails at once. One message never blocks the others:
+//! each row has its own attempts, backoff and status.
+//!
+//! At-least-once, never silently dropped: a row is marked sent only after
+//! the transport accepted it, so a crash between the relay's acceptance and
+//! our commit sends it again on the next run, with the same `Message-ID`
+//! (the receiver can drop the copy). A claim is sized so that a batch of
+//! slow sends still finishes inside its lease; otherwise another sender
+//! could claim the same rows and send them twice.
 
+use std::time::Duration;
+
+use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
-use super::{Engine, EngineResult};
+use super::{Engine, EngineError, EngineResult};
+use crate::config::MailTransportKind;
 use crate::domain::values::mask_email;
-use crate::mail::{self, templates, MailError, OutgoingMail};
-use crate::store::Mail;
+use crate::mail::templates::{self, Templates};
+use crate::mail::{self, Attachment, MailError, MailKind, OutgoingMail};
+use crate::store::{Mail, StoreError};
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct DeliveryStats {
@@ -27,55 +40,161 @@ impl Engine {
 
     pub async fn deliver_mail_at(&self, now: Timestamp) -> EngineResult<DeliveryStats> {
         let mut stats = DeliveryStats::default();
+        let concurrency = self.mail_concurrency();
+        let batch_size = self.mail_batch_size(concurrency);
         loop {
             let claim = self.new_claim(now);
-            let batch = self.store.claim_mail(now, &claim, MAIL_BATCH).await?;
+            let batch = self.store.claim_mail(now, &claim, batch_size).await?;
             if batch.is_empty() {
                 return Ok(stats);
             }
-            for m in batch {
-                match self.send_one(&m, now).await {
-                    Ok(()) => {
-                        self.store.mail_sent(m.id, &claim.token, now).await?;
-                        stats.sent += 1;
-                        tracing::info!(
-                            mail_id = m.id,
-                            subscription_id = m.subscription_id,
-                            customer_id = m.customer_id,
-                            mail_kind = m.kind.as_str(),
-                            recipient = %mask_email(&m.recipient),
-                            invoice_number = m.invoice_number.as_deref(),
-                            outcome = "sent",
-                            "mail delivered"
-                        );
-                    }
-                    Err(e) => {
-                        let attempts = m.attempts + 1;
-                        let permanent = !matches!(e, MailError::Transient(_));
-                        let retry_at = (!permanent
-                            && attempts < i64::from(self.config.raw.mail.max_attempts))
-                        .then(|| now.saturating_add(backoff(attempts)).unwrap_or(now));
-                        self.store
-                            .mail_failed(m.id, &claim.token, &e.to_string(), retry_at, now)
-                            .await?;
-                        if retry_at.is_some() {
-                            stats.retrying += 1;
-                            tracing::warn!(mail_id = m.id, subscription_id = m.subscription_id, mail_kind = m.kind.as_str(), attempts, error = %e, outcome = "retrying", "mail delivery failed; will retry");
-                        } else {
-                            stats.failed += 1;
-                            tracing::error!(mail_id = m.id, subscription_id = m.subscription_id, mail_kind = m.kind.as_str(), attempts, error = %e, outcome = "failed", "mail delivery failed for good");
-                        }
-                    }
+            let token = claim.token.as_str();
+            let mut results = futures::stream::iter(batch)
+                .map(|m| async move {
+                    let outcome = self.send_one(&m, now).await;
+                    self.record(&m, token, outcome, now).await
+                })
+                .buffer_unordered(concurrency);
+            while let Some(result) = results.next().await {
+                match result? {
+                    Recorded::Sent => stats.sent += 1,
+                    Recorded::Retrying => stats.retrying += 1,
+                    Recorded::Failed => stats.failed += 1,
+                    Recorded::LeaseLost => {}
                 }
             }
         }
     }
 
+    /// Messages in flight at once: the SMTP pool's size (one connection
+    /// each); the file transport writes one at a time.
+    fn mail_concurrency(&self) -> usize {
+        match self.config.raw.mail.transport {
+            MailTransportKind::Smtp => {
+                usize::try_from(self.config.raw.mail.smtp.pool_size.max(1)).unwrap_or(1)
+            }
+            MailTransportKind::File => 1,
+        }
+    }
+
+    /// As many rows as can be sent, `concurrency` at a time and each taking
+    /// up to the SMTP timeout, well inside one lease.
+    fn mail_batch_size(&self, concurrency: usize) -> u32 {
+        let lease = Duration::try_from(self.config.lease).unwrap_or(Duration::from_secs(60));
+        let timeout = humantime_secs(&self.config.raw.mail.smtp.timeout).max(1);
+        let rounds = (lease.as_secs() / 2 / timeout).max(1);
+        let n = rounds.saturating_mul(u64::try_from(concurrency).unwrap_or(1));
+        u32::try_from(n).unwrap_or(MAIL_BATCH).clamp(1, MAIL_BATCH)
+    }
+
+    async fn record(
+        &self,
+        m: &Mail,
+        token: &str,
+        outcome: Result<(), MailError>,
+        now: Timestamp,
+    ) -> EngineResult<Recorded> {
+        let recipient = mask_email(&m.recipient);
+        let result = match outcome {
+            Ok(()) => {
+                let r = self.store.mail_sent(m.id, token, now).await;
+                if r.is_ok() {
+                    tracing::info!(
+                        mail_id = m.id,
+                        subscription_id = m.subscription_id,
+                        customer_id = m.customer_id,
+                        mail_kind = m.kind.as_str(),
+                        recipient = %recipient,
+                        invoice_number = m.invoice_number.as_deref(),
+                        attempts = m.attempts + 1,
+                        outcome = "sent",
+                        "mail delivered"
+                    );
+                }
+                r.map(|()| Recorded::Sent)
+            }
+            Err(e) => {
+                let attempts = m.attempts + 1;
+                let permanent = !matches!(e, MailError::Transient(_));
+                let retry_at = (!permanent
+                    && attempts < i64::from(self.config.raw.mail.max_attempts))
+                .then(|| now.saturating_add(backoff(attempts)).unwrap_or(now));
+                let r = self
+                    .store
+                    .mail_failed(m.id, token, &e.to_string(), retry_at, now)
+                    .await;
+                if r.is_ok() {
+                    match retry_at {
+                        Some(at) => tracing::warn!(
+                            mail_id = m.id,
+                            subscription_id = m.subscription_id,
+                            customer_id = m.customer_id,
+                            mail_kind = m.kind.as_str(),
+                            recipient = %recipient,
+                            attempts,
+                            retry_at = %at,
+                            error = %e,
+                            outcome = "retrying",
+                            "mail delivery failed; will retry"
+                        ),
+                        None => tracing::error!(
+                            mail_id = m.id,
+                            subscription_id = m.subscription_id,
+                            customer_id = m.customer_id,
+                            mail_kind = m.kind.as_str(),
+                            recipient = %recipient,
+                            attempts,
+                            error = %e,
+                            outcome = "failed",
+                            "mail delivery failed for good; `renewd mail retry {}` queues it again",
+                            m.id
+                        ),
+                    }
+                }
+                r.map(|()| {
+                    if retry_at.is_some() {
+                        Recorded::Retrying
+                    } else {
+                        Recorded::Failed
+                    }
+                })
+            }
+        };
+        match result {
+            Ok(r) => Ok(r),
+            // Another sender took the row over after our lease ran out; the
+            // row is theirs to record now.
+            Err(StoreError::Conflict(why)) => {
+                tracing::warn!(mail_id = m.id, subscription_id = m.subscription_id, reason = %why, outcome = "lease_lost", "mail outcome not recorded: the claim was taken over");
+                Ok(Recorded::LeaseLost)
+            }
+            Err(e) => Err(EngineError::from(e)),
+        }
+    }
+
+    /// The templates this engine's config names (loaded once per process).
+    fn templates(&self) -> Result<std::sync::Arc<Templates>, MailError> {
+        let dir = &self.config.raw.mail.templates_dir;
+        templates::for_dir((!dir.is_empty()).then(|| std::path::Path::new(dir)))
+            // The operator's directory broke after startup: keep the mail
+            // queued until it is fixed rather than failing it.
+            .map_err(|e| MailError::Transient(e.to_string()))
+    }
+
     async fn send_one(&self, m: &Mail, now: Timestamp) -> Result<(), MailError> {
-        let rendered = render(m)?;
+        let rendered = render_with(&*self.templates()?, m)?;
         let from = mail::parse_mailbox(&self.config.raw.mail.from)
             .ok_or_else(|| MailError::Build("mail.from is not a mailbox".into()))?;
-        let message = mail::build_message(m.id, m.kind, &from, &m.recipient, &rendered, now)?;
+        let attachments = self.attachments(m).await?;
+        let message = mail::build_message(
+            m.id,
+            m.kind,
+            &from,
+            &m.recipient,
+            &rendered,
+            &attachments,
+            now,
+        )?;
         self.transport
             .send(&OutgoingMail {
                 outbox_id: m.id,
@@ -84,19 +203,80 @@ impl Engine {
             })
             .await
     }
+
+    /// The invoice a message is about, as a PDF, for the kinds that carry
+    /// one (order confirmations, receipts and issued invoices).
+    async fn attachments(&self, m: &Mail) -> Result<Vec<Attachment>, MailError> {
+        let carries_invoice = matches!(
+            m.kind,
+            MailKind::OrderConfirmation | MailKind::Receipt | MailKind::InvoiceIssued
+        );
+        let Some(number) = m.invoice_number.as_deref().filter(|_| carries_invoice) else {
+            return Ok(vec![]);
+        };
+        let invoice = self
+            .store
+            .invoice(number)
+            .await
+            .map_err(|e| MailError::Transient(format!("cannot load invoice {number}: {e}")))?
+            .ok_or_else(|| MailError::Build(format!("invoice {number} does not exist")))?;
+        let pdf = crate::invoice::render_pdf(&invoice)
+            .map_err(|e| MailError::Build(format!("cannot render invoice {number}: {e}")))?;
+        Ok(vec![Attachment {
+            filename: format!("{number}.pdf"),
+            content_type: "application/pdf".into(),
+            bytes: pdf,
+        }])
+    }
 }
 
-/// Renders a stored mail with its invoice number merged into the context.
+enum Recorded {
+    Sent,
+    Retrying,
+    Failed,
+    LeaseLost,
+}
+
+/// Renders a stored mail with the process's templates (see
+/// `templates::install`); used to show subjects in `renewd mail list`.
 pub fn render(m: &Mail) -> Result<templates::Rendered, MailError> {
+    templates::render(m.kind, &m.locale, &context_of(m)).map_err(|e| MailError::Build(e.to_string()))
+}
+
+fn render_with(t: &Templates, m: &Mail) -> Result<templates::Rendered, MailError> {
+    t.render(m.kind, &m.locale, &context_of(m))
+        .map_err(|e| MailError::Build(e.to_string()))
+}
+
+/// The row's context with its invoice number merged in.
+fn context_of(m: &Mail) -> serde_json::Value {
     let mut ctx = m.context.clone();
     if let (Some(n), Some(obj)) = (&m.invoice_number, ctx.as_object_mut()) {
         obj.insert("invoice_number".into(), serde_json::json!(n));
     }
-    templates::render(m.kind, &m.locale, &ctx).map_err(|e| MailError::Build(e.to_string()))
+    ctx
+}
+
+fn humantime_secs(s: &str) -> u64 {
+    s.parse::<SignedDuration>()
+        .ok()
+        .and_then(|d| u64::try_from(d.as_secs()).ok())
+        .unwrap_or(30)
 }
 
 /// 1, 2, 4, 8 ... minutes, capped at six hours.
 fn backoff(attempts: i64) -> SignedDuration {
     let exp = u32::try_from(attempts.clamp(1, 20) - 1).unwrap_or(0);
     SignedDuration::from_mins(2i64.saturating_pow(exp).min(360))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_minute_up_to_six_hours() {
+        let mins: Vec<i64> = (1..=12).map(|a| backoff(a).as_secs() / 60).collect();
+        assert_eq!(mins, [1, 2, 4, 8, 16, 32, 64, 128, 256, 360, 360, 360]);
+    }
 }

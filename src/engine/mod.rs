@@ -6,6 +6,7 @@
 mod charge;
 mod commands;
 mod delivery;
+mod flows;
 mod sweep;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use serde_json::json;
 pub use commands::{NewCustomerInput, PurchaseInput, PurchaseResult};
 pub use delivery::render as render_mail;
 pub use delivery::DeliveryStats;
+pub use flows::{CancelAt, ContactInput, FlowResult, RenewInput};
 pub use sweep::{PlannedAction, SweepPlan, SweepSummary};
 
 use crate::clock::SharedClock;
@@ -45,6 +47,15 @@ pub enum EngineError {
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
+
+pub(crate) fn invalid_input(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Invalid(e.to_string())
+}
+
+/// An optional instant for messages.
+pub(crate) fn fmt_ts(t: Option<Timestamp>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}
 
 pub struct Engine {
     pub store: Arc<dyn Store>,

@@ -32,6 +32,7 @@ pub struct SweepSummary {
     pub declined: u32,
     pub retry_scheduled: u32,
     pub expired: u32,
+    pub cancelled: u32,
     pub reminders: u32,
     pub notices: u32,
     pub invoices_issued: u32,
@@ -100,7 +101,8 @@ impl Engine {
             // Opened again on every round: a renewal that succeeded may leave a
             // period end still in the past (renewd was down for over a year),
             // and that next period is due in this same sweep.
-            self.store.open_due_renewals(now).await?;
+            let lead = SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
+            self.store.open_due_renewals(now, lead).await?;
             // The lease runs from when it is taken, not from the start of the
             // sweep, so a long sweep never hands out already-expired claims.
             let claim = self.new_claim(self.now().max(now));
@@ -138,6 +140,7 @@ impl Engine {
                         s.declined += u32::from(declined);
                         s.expired += 1;
                     }
+                    Ok(Outcome::Issued(_)) => s.invoices_issued += 1,
                     Ok(Outcome::Unknown) => s.unknown += 1,
                     Ok(Outcome::Skipped) => s.skipped += 1,
                     Err(e) => {
@@ -152,8 +155,9 @@ impl Engine {
         }
     }
 
-    /// Subscriptions whose period ended with auto-renewal off (and with no
-    /// renewal in progress) expire.
+    /// Subscriptions whose period ended with no renewal in progress: those
+    /// to be cancelled at period end are cancelled, those with auto-renewal
+    /// off expire.
     async fn expiries(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
         let mut after = 0;
         loop {
@@ -161,7 +165,7 @@ impl Engine {
                 .store
                 .scan(&Scan {
                     statuses: vec![Status::Active, Status::PastDue],
-                    auto_renew: Some(false),
+                    auto_renew: None,
                     card_only: false,
                     ends_after: None,
                     ends_at_or_before: now,
@@ -175,6 +179,20 @@ impl Engine {
             };
             after = last.0.id;
             for (sub, customer) in &batch {
+                if sub.cancel_at_period_end {
+                    match self.cancel_at_end(sub, customer, now).await {
+                        Ok(()) => s.cancelled += 1,
+                        Err(e) => {
+                            s.errors += 1;
+                            tracing::error!(subscription_id = sub.id, error = %e, "cannot cancel subscription");
+                        }
+                    }
+                    continue;
+                }
+                if sub.auto_renew.on {
+                    // Renewed (or retried) by the renewal flow, not expired here.
+                    continue;
+                }
                 match self.expire(sub, customer, now).await {
                     Ok(()) => s.expired += 1,
                     Err(e) => {
@@ -184,6 +202,37 @@ impl Engine {
                 }
             }
         }
+    }
+
+    async fn cancel_at_end(&self, sub: &Subscription, customer: &Customer, now: Timestamp) -> EngineResult<()> {
+        let status = sub
+            .status
+            .on(SubEvent::Cancel)
+            .map_err(|e| super::EngineError::Internal(e.to_string()))?;
+        let mut ctx = self.mail_context(sub, customer);
+        ctx["cancelled_date"] = json!(sub.current_period_end.map(|e| self.local_date(e, customer)));
+        self.store
+            .apply(
+                Change {
+                    subscription: Some(SubscriptionPatch {
+                        id: sub.id,
+                        expect_status: vec![sub.status],
+                        expect_period_end: Some(sub.current_period_end),
+                        status: Some(status),
+                        ..Default::default()
+                    }),
+                    mails: vec![self.cancel_mail(sub, customer, ctx)],
+                    events: vec![NewEvent {
+                        outcome: Some("cancelled_at_period_end".into()),
+                        ..NewEvent::new("subscription.cancelled", sub)
+                    }],
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        tracing::info!(subscription_id = sub.id, customer_id = sub.customer_id, period_end = %fmt_opt(sub.current_period_end), outcome = "cancelled", "subscription cancelled at period end");
+        Ok(())
     }
 
     async fn expire(
@@ -286,7 +335,7 @@ impl Engine {
                 return Ok((queued, errors));
             };
             after = last.0.id;
-            for (sub, customer) in &batch {
+            for (sub, customer) in batch.iter().filter(|(s, _)| !s.cancel_at_period_end) {
                 for (kind, offset, ctx) in f(sub, customer) {
                     let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
                     let change = Change {

@@ -7,6 +7,7 @@
 //! resend with a new one).
 
 pub mod sandbox;
+pub mod stripe;
 
 use async_trait::async_trait;
 use serde::Serialize;

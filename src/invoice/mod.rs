@@ -17,6 +17,9 @@ use crate::domain::values::Zone;
 use crate::domain::{Currency, Money};
 use crate::store::Invoice;
 
+mod pdf;
+pub use pdf::render_pdf;
+
 /// The series an invoice issued at `at` belongs to, e.g. `INV-2027`.
 pub fn series(prefix: &str, at: Timestamp, zone: &Zone) -> String {
     format!("{prefix}-{}", at.to_zoned(zone.tz().clone()).year())
@@ -82,74 +85,119 @@ fn labels(locale: &str) -> serde_json::Value {
     }
 }
 
-/// Renders the invoice as a standalone HTML document.
-pub fn render_html(inv: &Invoice) -> Result<String, DocumentError> {
+/// An invoice line as shown on a document.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Row {
+    pub number: i64,
+    pub description: String,
+    pub quantity: i64,
+    pub unit: String,
+    pub amount: String,
+    pub rate: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct TaxRow {
+    pub rate: String,
+    pub taxable: String,
+    pub tax: String,
+}
+
+/// Everything a document shows, formatted: shared by the HTML and PDF
+/// renderers so both always say the same thing.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub locale: String,
+    pub labels: serde_json::Value,
+    pub issued: String,
+    pub due: Option<String>,
+    pub paid: Option<String>,
+    pub period: String,
+    pub lines: Vec<Row>,
+    pub taxes: Vec<TaxRow>,
+    pub subtotal: String,
+    pub total: String,
+    pub payment: String,
+}
+
+pub(crate) fn prepare(inv: &Invoice, locale_override: Option<&str>) -> Result<Prepared, DocumentError> {
     let fail = |e: String| DocumentError::Render(inv.number.clone(), e);
     let currency = Currency::parse(&inv.currency).map_err(|e| fail(e.to_string()))?;
     let money = |minor: i64| Money::new(minor, currency).display();
     let doc = &inv.document;
-    let locale = doc.get("locale").and_then(|v| v.as_str()).unwrap_or("en");
-    let zone = doc
+    let locale = locale_override
+        .or_else(|| doc.get("locale").and_then(|v| v.as_str()))
+        .unwrap_or("en")
+        .to_string();
+    let tz = doc
         .get("timezone")
         .and_then(|v| v.as_str())
         .and_then(|z| Zone::parse(z).ok())
-        .unwrap_or_else(|| Zone::parse("UTC").expect("UTC exists"));
-    let date = |t: Timestamp| t.to_zoned(zone.tz().clone()).date().to_string();
-    let t = labels(locale);
-    let lines: Vec<serde_json::Value> = doc
-        .get("lines")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default()
+        .map(|z| z.tz().clone())
+        .unwrap_or(jiff::tz::TimeZone::UTC);
+    let date = |t: Timestamp| t.to_zoned(tz.clone()).date().to_string();
+    let t = labels(&locale);
+    let int = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
+    let rate = |bp: i64| format_rate(u32::try_from(bp).unwrap_or(0));
+    let array = |k: &str| doc.get(k).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let lines = array("lines")
         .iter()
-        .map(|l| {
-            let n = |k: &str| l.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
-            serde_json::json!({
-                "number": n("number"),
-                "description": l.get("description").and_then(|v| v.as_str()).unwrap_or(""),
-                "quantity": n("quantity"),
-                "unit": money(n("unit_amount_minor")),
-                "amount": money(n("amount_minor")),
-                "rate": format_rate(u32::try_from(n("tax_rate_bp")).unwrap_or(0)),
-            })
+        .map(|l| Row {
+            number: int(l, "number"),
+            description: l.get("description").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+            quantity: int(l, "quantity"),
+            unit: money(int(l, "unit_amount_minor")),
+            amount: money(int(l, "amount_minor")),
+            rate: rate(int(l, "tax_rate_bp")),
         })
         .collect();
-    let taxes: Vec<serde_json::Value> = doc
-        .get("taxes")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default()
+    let taxes = array("taxes")
         .iter()
-        .map(|x| {
-            let n = |k: &str| x.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
-            serde_json::json!({
-                "rate": format_rate(u32::try_from(n("rate_bp")).unwrap_or(0)),
-                "taxable": money(n("taxable_minor")),
-                "tax": money(n("tax_minor")),
-            })
+        .map(|x| TaxRow {
+            rate: rate(int(x, "rate_bp")),
+            taxable: money(int(x, "taxable_minor")),
+            tax: money(int(x, "tax_minor")),
         })
         .collect();
     let payment = describe_payment(doc.get("payment"), &t, inv.payment_reference.as_deref());
+    Ok(Prepared {
+        issued: date(inv.issued_at),
+        due: inv.due_at.map(date),
+        paid: inv.paid_at.map(date),
+        period: format!("{} – {}", date(inv.period_start), date(inv.period_end)),
+        lines,
+        taxes,
+        subtotal: money(inv.subtotal_minor),
+        total: money(inv.total_minor),
+        payment,
+        locale,
+        labels: t,
+    })
+}
+
+/// Renders the invoice as a standalone HTML document.
+pub fn render_html(inv: &Invoice) -> Result<String, DocumentError> {
+    let fail = |e: String| DocumentError::Render(inv.number.clone(), e);
+    let p = prepare(inv, None)?;
     let mut env = Environment::new();
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
-    env.add_template("invoice.html", TEMPLATE)
-        .map_err(|e| fail(e.to_string()))?;
+    env.add_template("invoice.html", TEMPLATE).map_err(|e| fail(e.to_string()))?;
     env.get_template("invoice.html")
         .and_then(|tpl| {
             tpl.render(context! {
-                locale => locale,
-                t => t,
+                locale => p.locale,
+                t => p.labels,
                 inv => inv,
-                doc => doc,
-                issued => date(inv.issued_at),
-                due => inv.due_at.map(date),
-                paid => inv.paid_at.map(date),
-                period => format!("{} – {}", date(inv.period_start), date(inv.period_end)),
-                lines => lines,
-                taxes => taxes,
-                subtotal => money(inv.subtotal_minor),
-                total => money(inv.total_minor),
-                payment => payment,
+                doc => &inv.document,
+                issued => p.issued,
+                due => p.due,
+                paid => p.paid,
+                period => p.period,
+                lines => p.lines,
+                taxes => p.taxes,
+                subtotal => p.subtotal,
+                total => p.total,
+                payment => p.payment,
             })
         })
         .map_err(|e| fail(e.to_string()))
@@ -182,13 +230,18 @@ pub fn document_path(dir: &Path, number: &str, ext: &str) -> PathBuf {
     dir.join(format!("{number}.{ext}"))
 }
 
-/// Writes the HTML document under `dir`, atomically; returns its path.
-pub fn write_documents(dir: &Path, inv: &Invoice) -> Result<PathBuf, DocumentError> {
-    let html = render_html(inv)?;
+/// Writes the HTML and PDF documents under `dir`, atomically.
+pub fn write_documents(dir: &Path, inv: &Invoice) -> Result<(), DocumentError> {
     std::fs::create_dir_all(dir).map_err(|e| DocumentError::Io(dir.to_path_buf(), e))?;
-    let path = document_path(dir, &inv.number, "html");
-    let tmp = path.with_extension("html.tmp");
-    std::fs::write(&tmp, html).map_err(|e| DocumentError::Io(tmp.clone(), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| DocumentError::Io(path.clone(), e))?;
-    Ok(path)
+    write_atomically(&document_path(dir, &inv.number, "html"), render_html(inv)?.as_bytes())?;
+    write_atomically(&document_path(dir, &inv.number, "pdf"), &render_pdf(inv)?)?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// reader never sees half a document.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DocumentError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| DocumentError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DocumentError::Io(path.to_path_buf(), e))
 }

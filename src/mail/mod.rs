@@ -8,6 +8,7 @@
 //! row, so a receiver can drop the rare duplicate.
 
 pub mod file;
+pub mod smtp;
 pub mod templates;
 
 use std::fmt;
@@ -15,7 +16,8 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
-use lettre::message::{Mailbox, MultiPart};
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment as MimeAttachment, Mailbox, MultiPart};
 use lettre::Message;
 use serde::Serialize;
 
@@ -116,27 +118,50 @@ pub fn message_id(outbox_id: i64, kind: MailKind, from: &Mailbox) -> String {
     )
 }
 
-/// Builds the MIME message (plain text and HTML alternatives) for one row.
+/// A file carried by a message, e.g. the invoice PDF.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Builds the MIME message for one row: the plain-text and HTML parts as
+/// alternatives, wrapped with the attachments in `multipart/mixed` when
+/// there are any. The recipient must be exactly one mailbox; lettre encodes
+/// every header, so no rendered value can add one.
 pub fn build_message(
     outbox_id: i64,
     kind: MailKind,
     from: &Mailbox,
     to: &str,
     rendered: &templates::Rendered,
+    attachments: &[Attachment],
     date: Timestamp,
 ) -> Result<Message, MailError> {
     let to: Mailbox = to
         .parse()
         .map_err(|e| MailError::Permanent(format!("invalid recipient: {e}")))?;
+    let body = MultiPart::alternative_plain_html(rendered.text.clone(), rendered.html.clone());
+    let body = if attachments.is_empty() {
+        body
+    } else {
+        let mut mixed = MultiPart::mixed().multipart(body);
+        for a in attachments {
+            let content_type = ContentType::parse(&a.content_type)
+                .map_err(|e| MailError::Build(format!("{}: {e}", a.content_type)))?;
+            mixed = mixed.singlepart(
+                MimeAttachment::new(a.filename.clone()).body(a.bytes.clone(), content_type),
+            );
+        }
+        mixed
+    };
     Message::builder()
         .from(from.clone())
         .to(to)
         .subject(rendered.subject.clone())
         .message_id(Some(message_id(outbox_id, kind, from)))
         .date(std::time::SystemTime::from(date))
-        .multipart(MultiPart::alternative_plain_html(
-            rendered.text.clone(),
-            rendered.html.clone(),
-        ))
+        .multipart(body)
         .map_err(|e| MailError::Build(e.to_string()))
 }

@@ -143,6 +143,8 @@ pub enum RenewalStatus {
     Retrying,
     /// A hard decline; waits for a new card until the grace period ends.
     ActionRequired,
+    /// An open invoice was issued; waits for a bank transfer to be recorded.
+    AwaitingTransfer,
     Succeeded,
     /// Retries or grace ran out; the subscription expired.
     Failed,
@@ -156,6 +158,7 @@ impl RenewalStatus {
             RenewalStatus::Pending => "pending",
             RenewalStatus::Retrying => "retrying",
             RenewalStatus::ActionRequired => "action_required",
+            RenewalStatus::AwaitingTransfer => "awaiting_transfer",
             RenewalStatus::Succeeded => "succeeded",
             RenewalStatus::Failed => "failed",
             RenewalStatus::Skipped => "skipped",
@@ -167,6 +170,7 @@ impl RenewalStatus {
             "pending" => RenewalStatus::Pending,
             "retrying" => RenewalStatus::Retrying,
             "action_required" => RenewalStatus::ActionRequired,
+            "awaiting_transfer" => RenewalStatus::AwaitingTransfer,
             "succeeded" => RenewalStatus::Succeeded,
             "failed" => RenewalStatus::Failed,
             "skipped" => RenewalStatus::Skipped,
@@ -187,6 +191,8 @@ pub struct Renewal {
     pub first_attempt_at: Option<Timestamp>,
     pub next_attempt_at: Option<Timestamp>,
     pub terms_acceptance_id: Option<i64>,
+    /// For a manual renewal: whether auto-renewal is on once it is paid.
+    pub auto_renew_after: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -282,6 +288,7 @@ pub struct Claim {
 #[derive(Debug, Clone, Serialize)]
 pub struct Invoice {
     pub number: String,
+    pub renewal_id: Option<i64>,
     pub subscription_id: i64,
     pub customer_id: i64,
     pub status: String,
@@ -419,6 +426,7 @@ pub struct SubscriptionPatch {
     pub period: Option<Period>,
     pub payment: Option<PaymentMethod>,
     pub terms_acceptance_id: Option<i64>,
+    pub cancel_at_period_end: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -440,6 +448,26 @@ pub struct RenewalPatch {
     pub release: bool,
 }
 
+/// An issued invoice moving from `open` to `paid` or `void`.
+#[derive(Debug, Clone)]
+pub struct InvoiceSettlement {
+    pub number: String,
+    /// `paid` or `void`.
+    pub status: String,
+    pub paid_at: Option<Timestamp>,
+    pub reference: Option<String>,
+}
+
+/// A support request moving to a new status.
+#[derive(Debug, Clone)]
+pub struct RequestUpdate {
+    pub id: i64,
+    pub expect_status: Vec<String>,
+    pub status: String,
+    pub resolution: Option<String>,
+    pub resolved: bool,
+}
+
 /// One atomic state change: all of it is written, or none.
 #[derive(Debug, Clone, Default)]
 pub struct Change {
@@ -448,6 +476,17 @@ pub struct Change {
     pub renewal: Option<RenewalPatch>,
     pub subscription: Option<SubscriptionPatch>,
     pub invoice: Option<NewInvoice>,
+    /// Settles an open invoice (fails with a conflict if it is not open).
+    pub settle_invoice: Option<InvoiceSettlement>,
+    /// Makes this subscription's waiting retries due now (a new card).
+    pub wake_renewals_of: Option<i64>,
+    /// Closes this subscription's open renewals as skipped; a conflict if one
+    /// is held by a worker right now (a charge may be in flight).
+    pub close_renewals_of: Option<i64>,
+    pub request: Option<RequestUpdate>,
+    /// Changes the kind of the leased renewal (a declined manual renewal
+    /// hands the period back to the automatic flow).
+    pub renewal_kind: Option<RenewalKind>,
     pub mails: Vec<NewMail>,
     pub events: Vec<NewEvent>,
     /// The change exists to queue its mails: if every one of them is
@@ -461,6 +500,41 @@ pub struct Applied {
     pub applied: bool,
     pub invoice: Option<Invoice>,
     pub mails_queued: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Request {
+    pub id: i64,
+    pub subscription_id: i64,
+    pub kind: String,
+    pub status: String,
+    pub reason: String,
+    pub resolution: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub resolved_at: Option<Timestamp>,
+}
+
+/// What `open_renewal` found for a period.
+#[derive(Debug, Clone)]
+pub enum Opened {
+    /// The renewal row is ours to work on under the claim.
+    Claimed(Renewal),
+    /// Another worker holds it right now.
+    Busy,
+    /// The period is already paid.
+    AlreadyPaid,
+}
+
+/// A renewal asked for by a person (manual renewal).
+#[derive(Debug, Clone)]
+pub struct NewManualRenewal {
+    pub subscription_id: i64,
+    pub customer_id: i64,
+    pub period_start: Timestamp,
+    pub term: i64,
+    pub terms_version: String,
+    pub auto_renew_after: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -491,6 +565,21 @@ pub struct Scan {
     pub limit: u32,
 }
 
+/// Point-in-time counts for the daemon's metrics gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Active subscriptions whose period has ended (not yet renewed or expired).
+    pub due_subscriptions: i64,
+    pub past_due_subscriptions: i64,
+    /// Payment attempts with no known outcome (in flight or awaiting
+    /// reconciliation); `None` when the backend cannot tell.
+    pub unknown_charges: Option<i64>,
+    /// Outbox rows by (kind, status).
+    pub mail: Vec<(String, String, i64)>,
+    /// When the oldest message still queued was written.
+    pub oldest_queued_mail_at: Option<Timestamp>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Applies pending migrations; refuses a schema newer than this build.
@@ -515,8 +604,21 @@ pub trait Store: Send + Sync {
     async fn scan(&self, scan: &Scan) -> StoreResult<Vec<(Subscription, Customer)>>;
 
     /// Creates (insert-or-ignore) the renewal row of every card subscription
-    /// with auto-renewal on whose period has ended. Returns rows created.
-    async fn open_due_renewals(&self, now: Timestamp) -> StoreResult<u64>;
+    /// with auto-renewal on whose period has ended, and of every
+    /// bank-transfer one whose period ends within `transfer_lead` (its
+    /// invoice is issued ahead). Returns rows created.
+    async fn open_due_renewals(&self, now: Timestamp, transfer_lead: jiff::SignedDuration) -> StoreResult<u64>;
+    /// Creates or takes the renewal row of a manual renewal, with its terms
+    /// acceptance, claimed under `claim`.
+    async fn open_manual_renewal(&self, r: &NewManualRenewal, claim: &Claim, now: Timestamp) -> StoreResult<Opened>;
+    /// Claims one renewal if nobody holds it.
+    async fn claim_renewal(&self, renewal_id: i64, claim: &Claim, now: Timestamp) -> StoreResult<bool>;
+    /// The renewal an invoice belongs to.
+    async fn invoice_renewal(&self, number: &str) -> StoreResult<Option<i64>>;
+
+    async fn insert_request(&self, subscription_id: i64, kind: &str, reason: &str, now: Timestamp) -> StoreResult<Request>;
+    async fn request(&self, id: i64) -> StoreResult<Option<Request>>;
+    async fn list_requests(&self, status: Option<&str>) -> StoreResult<Vec<Request>>;
     /// Claims up to `limit` due, unleased (or lease-expired) renewals.
     async fn claim_renewals(
         &self,
@@ -558,4 +660,51 @@ pub trait Store: Send + Sync {
     async fn events(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Event>>;
     /// How many acceptances each terms version has.
     async fn terms_acceptances(&self) -> StoreResult<Vec<(String, i64)>>;
+
+    /// Counts for the metrics gauges at `now`. This default reads through
+    /// the list methods (every row) and cannot see payment attempts, so it
+    /// reports no unknown-charge count; a backend should answer with counts.
+    async fn gauges(&self, now: Timestamp) -> StoreResult<Gauges> {
+        let active = self
+            .list_subscriptions(&SubscriptionFilter {
+                status: Some(Status::Active),
+                due_before: None,
+            })
+            .await?;
+        let past_due = self
+            .list_subscriptions(&SubscriptionFilter {
+                status: Some(Status::PastDue),
+                due_before: None,
+            })
+            .await?;
+        let mut mail = std::collections::BTreeMap::<(String, String), i64>::new();
+        let mut oldest_queued_mail_at: Option<Timestamp> = None;
+        for m in self.list_mail(&MailFilter::default()).await? {
+            if m.status == "queued" {
+                oldest_queued_mail_at = Some(oldest_queued_mail_at.map_or(m.created_at, |t| t.min(m.created_at)));
+            }
+            *mail.entry((m.kind.as_str().to_string(), m.status)).or_default() += 1;
+        }
+        Ok(Gauges {
+            due_subscriptions: active
+                .iter()
+                .filter(|s| s.current_period_end.is_some_and(|end| end <= now))
+                .count() as i64,
+            past_due_subscriptions: past_due.len() as i64,
+            unknown_charges: None,
+            mail: mail.into_iter().map(|((k, s), n)| (k, s, n)).collect(),
+            oldest_queued_mail_at,
+        })
+    }
+
+    /// From now on, refuse every claim of renewals and mail made through
+    /// this handle (they find nothing): the daemon's drain on shutdown, so
+    /// the sweep in hand finishes what it claimed and takes nothing new.
+    /// A backend without it relies on the daemon's shutdown timeout alone.
+    fn stop_claiming(&self) {}
+
+    /// Queues a failed mail again, due at once with a fresh attempt budget
+    /// (`renewd mail retry`); its last error stays for the record. `NotFound`
+    /// for no such mail, `Conflict` for one that is not failed.
+    async fn requeue_mail(&self, id: i64, now: Timestamp) -> StoreResult<Mail>;
 }

@@ -33,6 +33,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 pub struct SqliteStore {
     pool: SqlitePool,
     write: Mutex<()>,
+    /// Set by [`Store::stop_claiming`]: claims find nothing from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 type Tx<'a> = Transaction<'a, Sqlite>;
@@ -80,11 +82,16 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             write: Mutex::new(()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn write_tx(&self) -> StoreResult<(tokio::sync::MutexGuard<'_, ()>, Tx<'_>)> {
@@ -106,9 +113,9 @@ const CUSTOMER_COLUMNS: &str =
 const RENEWAL_COLUMNS: &str = "r.id AS r_id, r.subscription_id AS r_subscription_id, r.kind AS r_kind, \
      r.period_start AS r_period_start, r.term AS r_term, r.status AS r_status, r.attempt_count AS r_attempt_count, \
      r.first_attempt_at AS r_first_attempt_at, r.next_attempt_at AS r_next_attempt_at, \
-     r.terms_acceptance_id AS r_terms_acceptance_id";
+     r.terms_acceptance_id AS r_terms_acceptance_id, r.auto_renew_after AS r_auto_renew_after";
 
-const INVOICE_COLUMNS: &str = "number, subscription_id, customer_id, status, currency, subtotal_minor, tax_minor, \
+const INVOICE_COLUMNS: &str = "number, renewal_id, subscription_id, customer_id, status, currency, subtotal_minor, tax_minor, \
      total_minor, issued_at, due_at, paid_at, period_start, period_end, payment_kind, payment_reference, document";
 
 const MAIL_COLUMNS: &str =
@@ -207,6 +214,7 @@ fn renewal_from(r: &SqliteRow) -> StoreResult<Renewal> {
         first_attempt_at: opt_ts(r.try_get("r_first_attempt_at")?)?,
         next_attempt_at: opt_ts(r.try_get("r_next_attempt_at")?)?,
         terms_acceptance_id: r.try_get("r_terms_acceptance_id")?,
+        auto_renew_after: r.try_get("r_auto_renew_after")?,
     })
 }
 
@@ -233,6 +241,7 @@ fn invoice_from(r: &SqliteRow) -> StoreResult<Invoice> {
     let doc: String = r.try_get("document")?;
     Ok(Invoice {
         number: r.try_get("number")?,
+        renewal_id: r.try_get("renewal_id")?,
         subscription_id: r.try_get("subscription_id")?,
         customer_id: r.try_get("customer_id")?,
         status: r.try_get("status")?,
@@ -274,6 +283,20 @@ fn mail_from(r: &SqliteRow) -> StoreResult<Mail> {
         last_error: r.try_get("last_error")?,
         created_at: ts(r.try_get("created_at")?)?,
         sent_at: opt_ts(r.try_get("sent_at")?)?,
+    })
+}
+
+fn request_from(r: &SqliteRow) -> StoreResult<Request> {
+    Ok(Request {
+        id: r.try_get("id")?,
+        subscription_id: r.try_get("subscription_id")?,
+        kind: r.try_get("kind")?,
+        status: r.try_get("status")?,
+        reason: r.try_get("reason")?,
+        resolution: r.try_get("resolution")?,
+        created_at: ts(r.try_get("created_at")?)?,
+        updated_at: ts(r.try_get("updated_at")?)?,
+        resolved_at: opt_ts(r.try_get("resolved_at")?)?,
     })
 }
 
@@ -401,8 +424,15 @@ async fn patch_subscription(
     now: Timestamp,
 ) -> StoreResult<()> {
     let mut sets = vec!["updated_at = ?".to_string()];
-    if p.status.is_some() {
+    if let Some(s) = p.status {
         sets.push("status = ?".into());
+        if s == crate::domain::Status::Cancelled {
+            // In SQL the right-hand side sees the old row, so bind `now` again.
+            sets.push("cancelled_at = ?".into());
+        }
+    }
+    if p.cancel_at_period_end.is_some() {
+        sets.push("cancel_at_period_end = ?".into());
     }
     if p.auto_renew.is_some() {
         sets.push("auto_renew = ?, auto_renew_can_enable = ?".into());
@@ -435,6 +465,12 @@ async fn patch_subscription(
     let mut q = sqlx::query(&sql).bind(secs(now));
     if let Some(s) = p.status {
         q = q.bind(s.as_str());
+        if s == crate::domain::Status::Cancelled {
+            q = q.bind(secs(now));
+        }
+    }
+    if let Some(c) = p.cancel_at_period_end {
+        q = q.bind(c);
     }
     if let Some(a) = p.auto_renew {
         q = q.bind(a.on).bind(a.can_enable);
@@ -714,7 +750,7 @@ impl Store for SqliteStore {
         if scan.without_open_renewal {
             sql.push_str(
                 " AND NOT EXISTS (SELECT 1 FROM renewals r WHERE r.subscription_id = s.id \
-                 AND r.status IN ('pending', 'retrying', 'action_required'))",
+                 AND r.status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer'))",
             );
         }
         sql.push_str(" ORDER BY s.id LIMIT ?");
@@ -735,9 +771,9 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn open_due_renewals(&self, now: Timestamp) -> StoreResult<u64> {
+    async fn open_due_renewals(&self, now: Timestamp, transfer_lead: jiff::SignedDuration) -> StoreResult<u64> {
         let (_guard, mut tx) = self.write_tx().await?;
-        let done = sqlx::query(
+        let cards = sqlx::query(
             "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
              terms_acceptance_id, created_at, updated_at) \
              SELECT s.id, 'auto', s.current_period_end, s.term + 1, 'pending', s.current_period_end, \
@@ -750,8 +786,189 @@ impl Store for SqliteStore {
         .bind(secs(now))
         .execute(&mut *tx)
         .await?;
+        let transfers = sqlx::query(
+            "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
+             terms_acceptance_id, created_at, updated_at) \
+             SELECT s.id, 'auto', s.current_period_end, s.term + 1, 'pending', ?1, s.terms_acceptance_id, ?1, ?1 \
+             FROM subscriptions s \
+             WHERE s.status = 'active' AND s.current_period_end <= ?2 AND s.auto_renew = 1 \
+               AND s.payment_kind = 'bank_transfer' AND s.cancel_at_period_end = 0 \
+             ON CONFLICT (subscription_id, period_start) DO NOTHING",
+        )
+        .bind(secs(now))
+        .bind(secs(now.saturating_add(transfer_lead).unwrap_or(now)))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(done.rows_affected())
+        Ok(cards.rows_affected() + transfers.rows_affected())
+    }
+
+    async fn open_manual_renewal(&self, r: &NewManualRenewal, claim: &Claim, now: Timestamp) -> StoreResult<Opened> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let existing = sqlx::query(
+            "SELECT id, status, lease_token, lease_expires_at FROM renewals WHERE subscription_id = ? AND period_start = ?",
+        )
+        .bind(r.subscription_id)
+        .bind(secs(r.period_start))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let acceptance_id: i64 = sqlx::query_scalar(
+            "INSERT INTO terms_acceptances (customer_id, subscription_id, version, accepted_at, context) \
+             VALUES (?, ?, ?, ?, 'manual_renewal') RETURNING id",
+        )
+        .bind(r.customer_id)
+        .bind(r.subscription_id)
+        .bind(&r.terms_version)
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let id = match existing {
+            Some(row) => {
+                let status: String = row.try_get("status")?;
+                let held: Option<String> = row.try_get("lease_token")?;
+                let until: Option<i64> = row.try_get("lease_expires_at")?;
+                if status == "succeeded" {
+                    return Ok(Opened::AlreadyPaid);
+                }
+                if held.is_some() && until.is_some_and(|u| u > secs(now)) {
+                    return Ok(Opened::Busy);
+                }
+                let id: i64 = row.try_get("id")?;
+                // An automatic renewal row for the same period becomes this
+                // manual one: the same row, so the period is paid at most once.
+                sqlx::query(
+                    "UPDATE renewals SET kind = 'manual', status = CASE WHEN status IN ('failed', 'skipped') \
+                     THEN 'pending' ELSE status END, next_attempt_at = ?, terms_acceptance_id = ?, \
+                     auto_renew_after = ?, updated_at = ? WHERE id = ?",
+                )
+                .bind(secs(now))
+                .bind(acceptance_id)
+                .bind(r.auto_renew_after)
+                .bind(secs(now))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                id
+            }
+            None => {
+                sqlx::query_scalar(
+                    "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
+                     terms_acceptance_id, auto_renew_after, created_at, updated_at) \
+                     VALUES (?, 'manual', ?, ?, 'pending', ?, ?, ?, ?, ?) RETURNING id",
+                )
+                .bind(r.subscription_id)
+                .bind(secs(r.period_start))
+                .bind(r.term)
+                .bind(secs(now))
+                .bind(acceptance_id)
+                .bind(r.auto_renew_after)
+                .bind(secs(now))
+                .bind(secs(now))
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        sqlx::query("UPDATE renewals SET lease_token = ?, lease_owner = ?, lease_expires_at = ? WHERE id = ?")
+            .bind(&claim.token)
+            .bind(&claim.owner)
+            .bind(secs(claim.expires_at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "terms.accepted".into(),
+                subscription_id: Some(r.subscription_id),
+                customer_id: Some(r.customer_id),
+                outcome: Some(r.terms_version.clone()),
+                detail: serde_json::json!({"terms_version": r.terms_version, "context": "manual_renewal", "acceptance_id": acceptance_id}),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        let work = self
+            .renewal_work(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("renewal {id}")))?;
+        Ok(Opened::Claimed(work.renewal))
+    }
+
+    async fn claim_renewal(&self, renewal_id: i64, claim: &Claim, now: Timestamp) -> StoreResult<bool> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let done = sqlx::query(
+            "UPDATE renewals SET lease_token = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? \
+             WHERE id = ? AND (lease_token IS NULL OR lease_expires_at <= ?)",
+        )
+        .bind(&claim.token)
+        .bind(&claim.owner)
+        .bind(secs(claim.expires_at))
+        .bind(secs(now))
+        .bind(renewal_id)
+        .bind(secs(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn invoice_renewal(&self, number: &str) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT renewal_id FROM invoices WHERE number = ?")
+            .bind(number)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
+    }
+
+    async fn insert_request(&self, subscription_id: i64, kind: &str, reason: &str, now: Timestamp) -> StoreResult<Request> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO requests (subscription_id, kind, status, reason, created_at, updated_at) \
+             VALUES (?, ?, 'open', ?, ?, ?) RETURNING id",
+        )
+        .bind(subscription_id)
+        .bind(kind)
+        .bind(reason)
+        .bind(secs(now))
+        .bind(secs(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "request.opened".into(),
+                subscription_id: Some(subscription_id),
+                outcome: Some("open".into()),
+                detail: serde_json::json!({"request_id": id, "request_kind": kind}),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.request(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("request {id}")))
+    }
+
+    async fn request(&self, id: i64) -> StoreResult<Option<Request>> {
+        let row = sqlx::query("SELECT * FROM requests WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| request_from(&r)).transpose()
+    }
+
+    async fn list_requests(&self, status: Option<&str>) -> StoreResult<Vec<Request>> {
+        let rows = sqlx::query("SELECT * FROM requests WHERE (?1 IS NULL OR status = ?1) ORDER BY id")
+            .bind(status)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(request_from).collect()
     }
 
     async fn claim_renewals(
@@ -760,11 +977,14 @@ impl Store for SqliteStore {
         claim: &Claim,
         limit: u32,
     ) -> StoreResult<Vec<i64>> {
+        if self.is_draining() {
+            return Ok(Vec::new());
+        }
         let (_guard, mut tx) = self.write_tx().await?;
         let ids: Vec<i64> = sqlx::query_scalar(
             "UPDATE renewals SET lease_token = ?1, lease_owner = ?2, lease_expires_at = ?3, updated_at = ?4 \
              WHERE id IN (SELECT id FROM renewals \
-                          WHERE status IN ('pending', 'retrying', 'action_required') AND next_attempt_at <= ?4 \
+                          WHERE status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer') AND next_attempt_at <= ?4 \
                             AND (lease_token IS NULL OR lease_expires_at <= ?4) \
                           ORDER BY next_attempt_at, id LIMIT ?5) \
              RETURNING id",
@@ -782,7 +1002,7 @@ impl Store for SqliteStore {
 
     async fn due_renewals(&self, now: Timestamp) -> StoreResult<Vec<RenewalWork>> {
         let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM renewals WHERE status IN ('pending', 'retrying', 'action_required') \
+            "SELECT id FROM renewals WHERE status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer') \
              AND next_attempt_at <= ?1 AND (lease_token IS NULL OR lease_expires_at <= ?1) ORDER BY next_attempt_at, id",
         )
         .bind(secs(now))
@@ -885,10 +1105,93 @@ impl Store for SqliteStore {
         if let Some(p) = &change.subscription {
             patch_subscription(&mut tx, p, now).await?;
         }
+        if let Some(sub) = change.close_renewals_of {
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM renewals WHERE subscription_id = ? AND lease_token IS NOT NULL \
+                 AND lease_expires_at > ? AND status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer')",
+            )
+            .bind(sub)
+            .bind(secs(now))
+            .fetch_one(&mut *tx)
+            .await?;
+            if busy > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "a renewal of subscription {sub} is being processed right now; try again in a minute"
+                )));
+            }
+            sqlx::query(
+                "UPDATE renewals SET status = 'skipped', outcome_note = 'cancelled', next_attempt_at = NULL, \
+                 lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? \
+                 WHERE subscription_id = ? AND status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer')",
+            )
+            .bind(secs(now))
+            .bind(sub)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE invoices SET status = 'void' WHERE subscription_id = ? AND status = 'open'",
+            )
+            .bind(sub)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(sub) = change.wake_renewals_of {
+            sqlx::query(
+                "UPDATE renewals SET next_attempt_at = ?, updated_at = ? \
+                 WHERE subscription_id = ? AND status IN ('retrying', 'action_required')",
+            )
+            .bind(secs(now))
+            .bind(secs(now))
+            .bind(sub)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(settle) = &change.settle_invoice {
+            let done = sqlx::query(
+                "UPDATE invoices SET status = ?, paid_at = ?, payment_reference = COALESCE(?, payment_reference) \
+                 WHERE number = ? AND status = 'open'",
+            )
+            .bind(&settle.status)
+            .bind(settle.paid_at.map(secs))
+            .bind(&settle.reference)
+            .bind(&settle.number)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::Conflict(format!("invoice {} is not open", settle.number)));
+            }
+        }
+        if let Some(r) = &change.request {
+            let marks = vec!["?"; r.expect_status.len().max(1)].join(", ");
+            let sql = format!(
+                "UPDATE requests SET status = ?, resolution = COALESCE(?, resolution), updated_at = ?, \
+                 resolved_at = CASE WHEN ? THEN ? ELSE resolved_at END WHERE id = ? AND status IN ({marks}) RETURNING id"
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(&sql)
+            .bind(&r.status)
+            .bind(&r.resolution)
+            .bind(secs(now))
+            .bind(r.resolved)
+            .bind(secs(now))
+            .bind(r.id);
+            for s in &r.expect_status {
+                q = q.bind(s);
+            }
+            if q.fetch_optional(&mut *tx).await?.is_none() {
+                return Err(StoreError::Conflict(format!("request {} is no longer {}", r.id, r.expect_status.join(" or "))));
+            }
+        }
         let invoice_number = match &change.invoice {
             Some(inv) => Some(insert_invoice(&mut tx, inv).await?),
-            None => None,
+            None => change.settle_invoice.as_ref().map(|s| s.number.clone()),
         };
+        if let (Some(kind), Some(lease)) = (change.renewal_kind, &change.lease) {
+            sqlx::query("UPDATE renewals SET kind = ? WHERE id = ?")
+                .bind(kind.as_str())
+                .bind(lease.renewal_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         if let (Some(r), Some(lease)) = (&change.renewal, &change.lease) {
             sqlx::query(
                 "UPDATE renewals SET status = ?, next_attempt_at = ?, outcome_note = COALESCE(?, outcome_note), \
@@ -947,6 +1250,9 @@ impl Store for SqliteStore {
         claim: &Claim,
         limit: u32,
     ) -> StoreResult<Vec<Mail>> {
+        if self.is_draining() {
+            return Ok(Vec::new());
+        }
         let (_guard, mut tx) = self.write_tx().await?;
         let rows = sqlx::query(&format!(
             "UPDATE outbox SET lease_token = ?1, lease_expires_at = ?2 \
@@ -1105,5 +1411,84 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn gauges(&self, now: Timestamp) -> StoreResult<Gauges> {
+        let (due, past_due): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(status = 'active' AND current_period_end <= ?1), 0), \
+                    COALESCE(SUM(status = 'past_due'), 0) \
+             FROM subscriptions WHERE status IN ('active', 'past_due')",
+        )
+        .bind(secs(now))
+        .fetch_one(&self.pool)
+        .await?;
+        let unknown: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM payment_attempts WHERE status IN ('pending', 'unknown')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let mail: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, status, COUNT(*) FROM outbox GROUP BY kind, status ORDER BY kind, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let oldest: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(created_at) FROM outbox WHERE status = 'queued'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Gauges {
+            due_subscriptions: due,
+            past_due_subscriptions: past_due,
+            unknown_charges: Some(unknown),
+            mail,
+            oldest_queued_mail_at: opt_ts(oldest)?,
+        })
+    }
+
+    fn stop_claiming(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn requeue_mail(&self, id: i64, now: Timestamp) -> StoreResult<Mail> {
+        let (_guard, mut tx) = self.write_tx().await?;
+        let current: Option<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT status, attempts, subscription_id, customer_id FROM outbox WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((status, attempts, subscription_id, customer_id)) = current else {
+            return Err(StoreError::NotFound(format!("mail {id}")));
+        };
+        if status != "failed" {
+            return Err(StoreError::Conflict(format!(
+                "mail {id} is {status}; only failed mail can be retried"
+            )));
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE outbox SET status = 'queued', attempts = 0, next_attempt_at = ?, lease_token = NULL, \
+             lease_expires_at = NULL WHERE id = ? AND status = 'failed' RETURNING {MAIL_COLUMNS}"
+        ))
+        .bind(secs(now))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "mail.requeued".into(),
+                subscription_id: Some(subscription_id),
+                customer_id: Some(customer_id),
+                outcome: Some("queued".into()),
+                detail: serde_json::json!({"mail_id": id, "previous_attempts": attempts}),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        mail_from(&row)
     }
 }

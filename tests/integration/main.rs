@@ -4,6 +4,7 @@
 mod support;
 
 mod declines;
+mod flows;
 mod hazards;
 mod reminders;
 mod renewal;

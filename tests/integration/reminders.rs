@@ -88,7 +88,7 @@ async fn a_reminder_says_when_the_subscription_ends_and_how_to_renew() {
     let mail = &app.mails_of(sub.id, MailKind::RenewalReminder).await[0];
     let rendered = renewd::engine::render_mail(mail).unwrap();
     assert!(
-        rendered.subject.contains("2028-04-01"),
+        rendered.subject.contains("April 1, 2028"),
         "{}",
         rendered.subject
     );

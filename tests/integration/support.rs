@@ -27,6 +27,14 @@ pub fn t(s: &str) -> Timestamp {
     s.parse().expect("test instant")
 }
 
+pub fn contact() -> renewd::engine::ContactInput {
+    renewd::engine::ContactInput {
+        name: "Keiko Accounts".into(),
+        phone: "+81 3-1234-5678".into(),
+        email: "ap@example.co.jp".into(),
+    }
+}
+
 pub fn days(n: i64) -> SignedDuration {
     SignedDuration::from_hours(24 * n)
 }
@@ -64,7 +72,7 @@ impl TestApp {
             SandboxGateway::open(
                 &config.sandbox_ledger(),
                 shared.clone(),
-                std::time::Duration::ZERO,
+                std::time::Duration::from_millis(config.raw.gateway.sandbox.latency_ms),
             )
             .await
             .expect("sandbox"),
@@ -139,6 +147,28 @@ impl TestApp {
             .await
             .expect("purchase");
         r.subscription
+    }
+
+    pub async fn transfer_purchase(&self, customer: i64) -> renewd::engine::FlowResult {
+        self.engine
+            .purchase_by_transfer(customer, None, Some("2026-04"), &contact())
+            .await
+            .expect("transfer purchase")
+    }
+
+    pub async fn renew_by_card(&self, id: i64, card: &str) -> Result<renewd::engine::FlowResult, renewd::engine::EngineError> {
+        self.engine
+            .renew(renewd::engine::RenewInput {
+                subscription_id: id,
+                accept_terms: Some("2026-04".into()),
+                card: Some(card.into()),
+                ..Default::default()
+            })
+            .await
+    }
+
+    pub async fn events_of(&self, sub: i64) -> Vec<renewd::store::Event> {
+        self.engine.store.events(Some(sub)).await.expect("events")
     }
 
     /// A Tokyo customer paying in JPY with a Visa card.
