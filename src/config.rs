@@ -142,22 +142,9 @@ impl StripeSettings {
                 return Err("gateway.stripe.api_key is empty and gateway.stripe.api_key_file is not set; give the Stripe secret key in one of them (or RENEWD__GATEWAY__STRIPE__API_KEY)".into())
             }
             (false, true) => inline.to_string(),
-            (true, false) => {
-                let text = std::fs::read_to_string(&self.api_key_file).map_err(|e| {
-                    format!(
-                        "gateway.stripe.api_key_file = {:?} cannot be read: {e}",
-                        self.api_key_file
-                    )
-                })?;
-                let key = text.trim().to_string();
-                if key.is_empty() {
-                    return Err(format!(
-                        "gateway.stripe.api_key_file = {:?} is empty; it must hold the Stripe secret key",
-                        self.api_key_file
-                    ));
-                }
-                key
-            }
+            (true, false) => read_secret_file("gateway.stripe.api_key_file", &self.api_key_file)?
+                .expose_secret()
+                .to_string(),
         };
         if !(key.starts_with("sk_") || key.starts_with("rk_")) || key.contains(char::is_whitespace)
         {
@@ -185,6 +172,13 @@ fn serialize_secret<S: serde::Serializer>(
 pub struct SandboxSettings {
     pub latency_ms: u64,
     pub ledger: String,
+    /// Fault injection: every n-th charge request is taken, then answered
+    /// with a timeout (0: off).
+    pub timeout_after_charge_every: u64,
+    /// Every n-th charge request fails with a 500 before charging (0: off).
+    pub fail_5xx_every: u64,
+    /// Every n-th new charge is declined (soft, processing_error) (0: off).
+    pub decline_every: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -45,7 +45,8 @@ pub async fn open_sandbox(
         Duration::from_millis(config.raw.gateway.sandbox.latency_ms),
     )
     .await
-    .with_context(|| format!("cannot open sandbox ledger {}", path.display()))?;
+    .with_context(|| format!("cannot open sandbox ledger {}", path.display()))?
+    .with_faults(crate::gateway::sandbox::Faults::from(&config.raw.gateway.sandbox));
     Ok(Arc::new(gw))
 }
 

@@ -172,6 +172,10 @@ impl Engine {
             "seller_name": self.config.raw.seller.name,
             "renew_command": self.renew_command(sub),
             "period_end_date": sub.current_period_end.map(|e| self.local_date(e, customer)),
+            // The exact instant and the zone, so a mail can say "at 00:00 on
+            // March 1 (Asia/Tokyo time)" rather than only a date.
+            "period_end_at": sub.current_period_end.map(|e| e.to_string()),
+            "timezone": customer.timezone,
             "card": card,
             "amount": amount,
         })

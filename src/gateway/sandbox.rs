@@ -97,11 +97,35 @@ pub struct LedgerCharge {
     pub created_at: Timestamp,
 }
 
+/// Faults the sandbox injects, for tests and drills.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    pub timeout_after_charge_every: u64,
+    pub fail_5xx_every: u64,
+    pub decline_every: u64,
+}
+
+impl From<&crate::config::SandboxSettings> for Faults {
+    fn from(s: &crate::config::SandboxSettings) -> Self {
+        Faults {
+            timeout_after_charge_every: s.timeout_after_charge_every,
+            fail_5xx_every: s.fail_5xx_every,
+            decline_every: s.decline_every,
+        }
+    }
+}
+
+fn every(n: u64, k: u64) -> bool {
+    k > 0 && n % k == 0
+}
+
 pub struct SandboxGateway {
     pool: SqlitePool,
     clock: SharedClock,
     latency: Duration,
     write: Mutex<()>,
+    faults: Faults,
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl SandboxGateway {
@@ -145,7 +169,15 @@ impl SandboxGateway {
             clock,
             latency,
             write: Mutex::new(()),
+            faults: Faults::default(),
+            requests: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Turns on fault injection.
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// The whole ledger, oldest first.
@@ -218,6 +250,10 @@ fn infra(e: sqlx::Error) -> GatewayError {
 impl PaymentGateway for SandboxGateway {
     async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
         self.delay().await;
+        let n = self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if every(n, self.faults.fail_5xx_every) {
+            return Err(GatewayError::Unknown("sandbox: injected HTTP 500 before charging".into()));
+        }
         let _guard = self.write.lock().await;
         let mut tx = self
             .pool
@@ -245,6 +281,7 @@ impl PaymentGateway for SandboxGateway {
             return Self::stored_result(&row).map_err(infra)?;
         }
         let (outcome, kind, code) = match test_card(&req.payment_method) {
+            _ if every(n, self.faults.decline_every) => ("declined", Some("soft"), Some("processing_error")),
             Some(TestCard::Succeeds { .. }) => ("succeeded", None, None),
             Some(TestCard::Hard { code, .. }) => ("declined", Some("hard"), Some(code)),
             Some(TestCard::Soft { code, .. }) => ("declined", Some("soft"), Some(code)),
@@ -273,6 +310,9 @@ impl PaymentGateway for SandboxGateway {
         .await
         .map_err(infra)?;
         tx.commit().await.map_err(infra)?;
+        if every(n, self.faults.timeout_after_charge_every) {
+            return Err(GatewayError::Unknown("sandbox: injected timeout after taking the charge".into()));
+        }
         Self::stored_result(&row).map_err(infra)?
     }
 
@@ -358,6 +398,23 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), "idempotency_error");
         assert_eq!(gw.charges().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn injected_faults_happen_on_their_turn_and_a_timeout_keeps_the_charge() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = sandbox(&dir).await.with_faults(Faults {
+            timeout_after_charge_every: 2,
+            fail_5xx_every: 3,
+            decline_every: 0,
+        });
+        assert!(gw.charge(&req("a", "pm_card_visa", 1)).await.is_ok());
+        let timed_out = gw.charge(&req("b", "pm_card_visa", 1)).await.unwrap_err();
+        assert!(matches!(timed_out, GatewayError::Unknown(_)));
+        assert!(matches!(gw.lookup("b").await.unwrap(), Lookup::Charged(_)), "taken before the timeout");
+        let five_hundred = gw.charge(&req("c", "pm_card_visa", 1)).await.unwrap_err();
+        assert!(matches!(five_hundred, GatewayError::Unknown(_)));
+        assert_eq!(gw.lookup("c").await.unwrap(), Lookup::NotFound, "a 500 before charging took nothing");
     }
 
     #[tokio::test]
