@@ -13,10 +13,10 @@ use crate::domain::values::{Country, Locale, Zone};
 use crate::domain::Currency;
 
 mod diagnostics;
-pub use diagnostics::{credential_path, read_secret_file};
 use diagnostics::{
     check_http_listen, environment_problems, explain_load_error, one_line, unknown_keys, Origins,
 };
+pub use diagnostics::{credential_path, read_secret_file};
 
 /// The defaults compiled into the binary (the file `config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");

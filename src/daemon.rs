@@ -202,9 +202,7 @@ impl Daemon {
             }
             Tick::Mail => {
                 let engine = self.engine.clone();
-                let (result, flow) = self
-                    .drive(async move { engine.deliver_mail().await })
-                    .await;
+                let (result, flow) = self.drive(async move { engine.deliver_mail().await }).await;
                 match result {
                     Some(Ok(d)) => self.monitor.record_delivery(&d),
                     Some(Err(e)) => tracing::error!(error = %e, "mail delivery failed"),
@@ -223,8 +221,7 @@ impl Daemon {
         work: impl Future<Output = T> + Send + 'static,
     ) -> (Option<T>, Flow) {
         let mut work = Tracked::new(work);
-        let last_poll = work.last_poll.clone();
-        let epoch = work.epoch;
+        let progress = work.progress.clone();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut stalled_reported = false;
         loop {
@@ -245,14 +242,14 @@ impl Daemon {
                     return (None, Flow::Stop);
                 }
                 _ = self.watchdog.tick() => {
-                    let idle = Tracked::<T>::idle(epoch, &last_poll);
+                    let idle = progress.idle();
                     if idle < self.watchdog.interval() {
                         self.watchdog.ping();
                         stalled_reported = false;
                     } else if !stalled_reported {
                         stalled_reported = true;
                         tracing::error!(
-                            idle_secs = idle.as_secs(),
+                            idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
                             "work has made no progress; withholding the watchdog ping so systemd restarts renewd if it stays stuck"
                         );
                     }
@@ -346,28 +343,61 @@ impl Watchdog {
     }
 }
 
-/// A future that records when it was last polled: a future is polled only
-/// when something it waits for happened, so the time since the last poll
-/// is how long the work has been stuck.
+/// A future that records when it last made progress: when something it
+/// waits for woke it (a query answered, a timer fired, a gateway call
+/// returned). Polls alone do not count: `select!` polls every branch each
+/// time the loop wakes, including for the watchdog's own timer.
 struct Tracked<T> {
     inner: Pin<Box<dyn Future<Output = T> + Send>>,
+    progress: Arc<Progress>,
+}
+
+struct Progress {
     epoch: Instant,
-    /// Milliseconds after `epoch` of the last poll.
-    last_poll: Arc<AtomicU64>,
+    /// Milliseconds after `epoch` of the last wake-up (or the first poll).
+    last: AtomicU64,
+}
+
+impl Progress {
+    fn mark(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::SeqCst);
+    }
+
+    /// How long since the work last made progress.
+    fn idle(&self) -> Duration {
+        let at = Duration::from_millis(self.last.load(Ordering::SeqCst));
+        self.epoch.elapsed().saturating_sub(at)
+    }
+}
+
+/// Forwards a wake-up to the task, noting the time first.
+struct ProgressWaker {
+    progress: Arc<Progress>,
+    task: std::task::Waker,
+}
+
+impl std::task::Wake for ProgressWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.progress.mark();
+        self.task.wake_by_ref();
+    }
 }
 
 impl<T> Tracked<T> {
     fn new(work: impl Future<Output = T> + Send + 'static) -> Tracked<T> {
+        let progress = Arc::new(Progress {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        });
         Tracked {
             inner: Box::pin(work),
-            epoch: Instant::now(),
-            last_poll: Arc::new(AtomicU64::new(0)),
+            progress,
         }
-    }
-
-    fn idle(epoch: Instant, last_poll: &AtomicU64) -> Duration {
-        let at = Duration::from_millis(last_poll.load(Ordering::SeqCst));
-        epoch.elapsed().saturating_sub(at)
     }
 }
 
@@ -375,9 +405,12 @@ impl<T> Future for Tracked<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<T> {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_poll.store(now, Ordering::SeqCst);
-        self.inner.as_mut().poll(cx)
+        let waker = std::task::Waker::from(Arc::new(ProgressWaker {
+            progress: self.progress.clone(),
+            task: cx.waker().clone(),
+        }));
+        let mut inner_cx = TaskContext::from_waker(&waker);
+        self.inner.as_mut().poll(&mut inner_cx)
     }
 }
 
@@ -504,7 +537,10 @@ mod tests {
     #[test]
     fn the_ready_age_follows_the_sweep_schedule() {
         let now: Timestamp = "2026-01-01T00:00:30Z".parse().unwrap();
-        assert_eq!(longest_gap("0 * * * * *", now), Some(Duration::from_secs(60)));
+        assert_eq!(
+            longest_gap("0 * * * * *", now),
+            Some(Duration::from_secs(60))
+        );
         assert_eq!(
             longest_gap("0 0 9,17 * * *", now),
             Some(Duration::from_secs(16 * 3600))
@@ -516,16 +552,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tracked_future_reports_how_long_it_has_waited() {
+    async fn a_tracked_future_counts_wake_ups_not_polls() {
         let mut work = Tracked::new(async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(80)).await;
             7
         });
+        let progress = work.progress.clone();
         let waker = futures::task::noop_waker();
         let mut cx = TaskContext::from_waker(&waker);
         assert!(Pin::new(&mut work).poll(&mut cx).is_pending());
         std::thread::sleep(Duration::from_millis(30));
-        assert!(Tracked::<i32>::idle(work.epoch, &work.last_poll) >= Duration::from_millis(30));
+        // A spurious poll (as select! does) is not progress.
+        assert!(Pin::new(&mut work).poll(&mut cx).is_pending());
+        assert!(progress.idle() >= Duration::from_millis(30));
         assert_eq!(work.await, 7);
+        assert!(
+            progress.idle() < Duration::from_millis(30),
+            "the timer woke it"
+        );
     }
 }

@@ -71,7 +71,11 @@ async fn readyz(State(s): State<HttpState>) -> Response {
 }
 
 fn not_ready(why: String) -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {why}\n"),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {

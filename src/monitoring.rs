@@ -42,7 +42,9 @@ pub const STORE_UP: &str = "renewd_store_up";
 pub const DRAINING: &str = "renewd_draining";
 pub const BUILD_INFO: &str = "renewd_build_info";
 
-const RENEWAL_OUTCOMES: &[&str] = &["renewed", "declined", "expired", "unknown", "skipped", "error"];
+const RENEWAL_OUTCOMES: &[&str] = &[
+    "renewed", "declined", "expired", "unknown", "skipped", "error",
+];
 const CHARGE_OUTCOMES: &[&str] = &["succeeded", "declined", "unknown"];
 const MAIL_STATUSES: &[&str] = &["sent", "retrying", "failed"];
 const NOTICE_KINDS: &[&str] = &["renewal_reminder", "upcoming_renewal"];
@@ -70,7 +72,9 @@ impl Monitor {
         let recorder = builder.build_recorder();
         let prometheus = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("a metrics recorder was already installed; /metrics shows only this registry");
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only this registry"
+            );
         }
         describe();
         for outcome in ["ok", "error"] {
@@ -99,12 +103,7 @@ impl Monitor {
     }
 
     /// Counts what one sweep did (or that it failed).
-    pub fn record_sweep(
-        &self,
-        result: Result<&SweepSummary, ()>,
-        took: Duration,
-        now: Timestamp,
-    ) {
+    pub fn record_sweep(&self, result: Result<&SweepSummary, ()>, took: Duration, now: Timestamp) {
         histogram!(SWEEP_DURATION).record(took.as_secs_f64());
         let Ok(s) = result else {
             counter!(SWEEPS, "outcome" => "error").increment(1);
@@ -205,7 +204,11 @@ fn describe_store_error(e: &StoreError) -> String {
 
 fn describe() {
     describe_counter!(SWEEPS, "Sweeps run, by outcome (ok, error).");
-    describe_histogram!(SWEEP_DURATION, metrics::Unit::Seconds, "How long one sweep took.");
+    describe_histogram!(
+        SWEEP_DURATION,
+        metrics::Unit::Seconds,
+        "How long one sweep took."
+    );
     describe_gauge!(
         LAST_SWEEP,
         metrics::Unit::Seconds,
@@ -238,7 +241,10 @@ fn describe() {
         DUE,
         "Active subscriptions whose period has ended and that no sweep has renewed or expired yet."
     );
-    describe_gauge!(PAST_DUE, "Subscriptions in past_due (retrying a declined payment).");
+    describe_gauge!(
+        PAST_DUE,
+        "Subscriptions in past_due (retrying a declined payment)."
+    );
     describe_gauge!(
         UNKNOWN_CHARGES,
         "Payment attempts whose outcome is not known yet (in flight or awaiting reconciliation)."
@@ -250,8 +256,14 @@ fn describe() {
         "Age of the oldest message still queued (0 when none)."
     );
     describe_gauge!(STORE_UP, "1 when the last gauge read reached the database.");
-    describe_gauge!(DRAINING, "1 once a stop was requested and in-flight work is finishing.");
-    describe_gauge!(BUILD_INFO, "Always 1; the version label tells which renewd runs.");
+    describe_gauge!(
+        DRAINING,
+        "1 once a stop was requested and in-flight work is finishing."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label tells which renewd runs."
+    );
 }
 
 /// What `/readyz` reports, fed by the daemon loop.
@@ -342,7 +354,10 @@ mod tests {
         let h = Health::new(Duration::from_secs(60));
         assert!(h.sweeps_ready().is_err());
         h.sweep_started();
-        assert!(h.sweeps_ready().is_err(), "the first sweep has not finished");
+        assert!(
+            h.sweeps_ready().is_err(),
+            "the first sweep has not finished"
+        );
         h.sweep_finished(true);
         assert!(h.sweeps_ready().is_ok());
         h.set_draining();

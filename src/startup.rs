@@ -46,7 +46,9 @@ pub async fn open_sandbox(
     )
     .await
     .with_context(|| format!("cannot open sandbox ledger {}", path.display()))?
-    .with_faults(crate::gateway::sandbox::Faults::from(&config.raw.gateway.sandbox));
+    .with_faults(crate::gateway::sandbox::Faults::from(
+        &config.raw.gateway.sandbox,
+    ));
     Ok(Arc::new(gw))
 }
 
@@ -66,9 +68,9 @@ pub async fn build_engine(config: Arc<Config>, clock: SharedClock) -> anyhow::Re
                 .context("cannot set up the SMTP transport")?,
         ),
     };
-    crate::mail::templates::install(crate::mail::templates::for_dir(
-        Some(std::path::Path::new(&config.raw.mail.templates_dir)),
-    )?);
+    crate::mail::templates::install(crate::mail::templates::for_dir(Some(
+        std::path::Path::new(&config.raw.mail.templates_dir),
+    ))?);
     Ok(Engine {
         store,
         gateway,

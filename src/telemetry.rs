@@ -47,7 +47,10 @@ pub fn init(format: LogFormat, filter: &str) {
         (LogFormat::Pretty, true) => builder
             .with_ansi(false)
             .event_format(SdPriority(
-                format::format().without_time().with_ansi(false).with_target(false),
+                format::format()
+                    .without_time()
+                    .with_ansi(false)
+                    .with_target(false),
             ))
             .try_init(),
         (LogFormat::Pretty, false) => builder

@@ -107,22 +107,38 @@ pub async fn run(engine: &Engine, cmd: InvoiceCommand) -> CliResult {
                 Ok(())
             }
         }
-        InvoiceCommand::MarkPaid { number, reference, json } => {
+        InvoiceCommand::MarkPaid {
+            number,
+            reference,
+            json,
+        } => {
             let i = engine.mark_paid(&number, &reference).await?;
             if json {
                 print_json(&views::invoice(&i, false))
             } else {
-                println!("{} paid (reference {}); subscription {} renewed", i.number, reference.trim(), i.subscription_id);
+                println!(
+                    "{} paid (reference {}); subscription {} renewed",
+                    i.number,
+                    reference.trim(),
+                    i.subscription_id
+                );
                 Ok(())
             }
         }
-        InvoiceCommand::Download { number, format, out } => {
+        InvoiceCommand::Download {
+            number,
+            format,
+            out,
+        } => {
             let i = find(engine, &number).await?;
             let (bytes, ext) = match format {
                 Format::Html => (docs::render_html(&i).map(String::into_bytes), "html"),
                 Format::Pdf => (docs::render_pdf(&i), "pdf"),
             };
-            let bytes = bytes.map_err(|e| Failure { message: e.to_string(), code: 1 })?;
+            let bytes = bytes.map_err(|e| Failure {
+                message: e.to_string(),
+                code: 1,
+            })?;
             let path = out.unwrap_or_else(|| PathBuf::from(format!("{number}.{ext}")));
             std::fs::write(&path, bytes).map_err(|e| Failure {
                 message: format!("cannot write {}: {e}", path.display()),

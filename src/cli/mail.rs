@@ -61,13 +61,17 @@ pub async fn run(engine: &Engine, cmd: MailCommand) -> CliResult {
         }
         MailCommand::Retry { id, json } => {
             let now = engine.now();
-            let m = engine.store.requeue_mail(id, now).await.map_err(|e| match e {
-                StoreError::NotFound(_) => Failure::usage(format!(
-                    "mail {id} does not exist; `renewd mail list` shows the outbox"
-                )),
-                StoreError::Conflict(why) => Failure::usage(why),
-                other => Failure::from(EngineError::from(other)),
-            })?;
+            let m = engine
+                .store
+                .requeue_mail(id, now)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound(_) => Failure::usage(format!(
+                        "mail {id} does not exist; `renewd mail list` shows the outbox"
+                    )),
+                    StoreError::Conflict(why) => Failure::usage(why),
+                    other => Failure::from(EngineError::from(other)),
+                })?;
             tracing::info!(
                 mail_id = m.id,
                 subscription_id = m.subscription_id,

@@ -75,24 +75,39 @@ fn show(r: &Request, json: bool) -> CliResult {
         r.kind,
         r.status,
         r.reason,
-        r.resolution.as_ref().map(|x| format!(" resolution {x:?}")).unwrap_or_default()
+        r.resolution
+            .as_ref()
+            .map(|x| format!(" resolution {x:?}"))
+            .unwrap_or_default()
     );
     Ok(())
 }
 
 pub async fn run(engine: &Engine, cmd: RequestCommand) -> CliResult {
     match cmd {
-        RequestCommand::Open { subscription, kind, reason, json } => {
-            show(&engine.open_request(subscription, &kind, &reason).await?, json)
-        }
+        RequestCommand::Open {
+            subscription,
+            kind,
+            reason,
+            json,
+        } => show(
+            &engine.open_request(subscription, &kind, &reason).await?,
+            json,
+        ),
         RequestCommand::Show { id, json } => show(&engine.request(id).await?, json),
         RequestCommand::List { status, json } => {
             if let Some(s) = &status {
                 if !matches!(s.as_str(), "open" | "in_progress" | "resolved" | "rejected") {
-                    return Err(Failure::usage(format!("--status {s:?}: use open, in_progress, resolved or rejected")));
+                    return Err(Failure::usage(format!(
+                        "--status {s:?}: use open, in_progress, resolved or rejected"
+                    )));
                 }
             }
-            let all = engine.store.list_requests(status.as_deref()).await.map_err(EngineError::from)?;
+            let all = engine
+                .store
+                .list_requests(status.as_deref())
+                .await
+                .map_err(EngineError::from)?;
             if json {
                 return print_json(&all);
             }
@@ -109,6 +124,8 @@ pub async fn run(engine: &Engine, cmd: RequestCommand) -> CliResult {
             };
             show(&engine.resolve_request(id, at).await?, json)
         }
-        RequestCommand::Reject { id, reason, json } => show(&engine.reject_request(id, &reason).await?, json),
+        RequestCommand::Reject { id, reason, json } => {
+            show(&engine.reject_request(id, &reason).await?, json)
+        }
     }
 }

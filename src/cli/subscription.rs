@@ -26,10 +26,14 @@ pub struct Contact {
 
 impl Contact {
     fn input(self, bank_transfer: bool) -> Result<Option<ContactInput>, Failure> {
-        let given = self.contact_name.is_some() || self.contact_phone.is_some() || self.contact_email.is_some();
+        let given = self.contact_name.is_some()
+            || self.contact_phone.is_some()
+            || self.contact_email.is_some();
         if !bank_transfer {
             return if given {
-                Err(Failure::usage("--contact-* options go with --bank-transfer"))
+                Err(Failure::usage(
+                    "--contact-* options go with --bank-transfer",
+                ))
             } else {
                 Ok(None)
             };
@@ -141,9 +145,13 @@ pub async fn run(engine: &Engine, cmd: SubscriptionCommand) -> CliResult {
             engine.check_terms(accept_terms.as_deref())?;
             if let Some(contact) = contact.input(bank_transfer)? {
                 if card.is_some() {
-                    return Err(Failure::usage("choose one payment method: --card or --bank-transfer"));
+                    return Err(Failure::usage(
+                        "choose one payment method: --card or --bank-transfer",
+                    ));
                 }
-                let r = engine.purchase_by_transfer(customer, plan, accept_terms.as_deref(), &contact).await?;
+                let r = engine
+                    .purchase_by_transfer(customer, plan, accept_terms.as_deref(), &contact)
+                    .await?;
                 return report(r, json);
             }
             let card = card.ok_or_else(|| {
@@ -180,16 +188,39 @@ pub async fn run(engine: &Engine, cmd: SubscriptionCommand) -> CliResult {
                 None => Ok(()),
             }
         }
-        SubscriptionCommand::Renew { id, accept_terms, card, card_expiry, bank_transfer, contact, no_auto_renew, json } => {
+        SubscriptionCommand::Renew {
+            id,
+            accept_terms,
+            card,
+            card_expiry,
+            bank_transfer,
+            contact,
+            no_auto_renew,
+            json,
+        } => {
             engine.check_terms(accept_terms.as_deref())?;
             let bank_transfer = contact.input(bank_transfer)?;
             let r = engine
-                .renew(RenewInput { subscription_id: id, accept_terms, card, card_expiry, bank_transfer, no_auto_renew })
+                .renew(RenewInput {
+                    subscription_id: id,
+                    accept_terms,
+                    card,
+                    card_expiry,
+                    bank_transfer,
+                    no_auto_renew,
+                })
                 .await?;
             report(r, json)
         }
-        SubscriptionCommand::PaymentMethod { id, card, card_expiry, json } => {
-            let s = engine.set_payment_method(id, &card, card_expiry.as_deref()).await?;
+        SubscriptionCommand::PaymentMethod {
+            id,
+            card,
+            card_expiry,
+            json,
+        } => {
+            let s = engine
+                .set_payment_method(id, &card, card_expiry.as_deref())
+                .await?;
             if json {
                 print_json(&views::subscription(&s))
             } else {
@@ -255,16 +286,26 @@ pub async fn run(engine: &Engine, cmd: SubscriptionCommand) -> CliResult {
 fn report(r: FlowResult, json: bool) -> CliResult {
     if json {
         let mut v = views::subscription(&r.subscription);
-        v["invoice"] = r.invoice.as_ref().map(|i| views::invoice(i, false)).unwrap_or_default();
+        v["invoice"] = r
+            .invoice
+            .as_ref()
+            .map(|i| views::invoice(i, false))
+            .unwrap_or_default();
         print_json(&v)?;
     } else {
         print_subscription(&r.subscription);
         if let Some(inv) = &r.invoice {
-            println!("invoice {} {} (total {} {})", inv.number, inv.status, inv.total_minor, inv.currency);
+            println!(
+                "invoice {} {} (total {} {})",
+                inv.number, inv.status, inv.total_minor, inv.currency
+            );
         }
     }
     match r.problem {
-        Some(p) => Err(Failure { message: p, code: 1 }),
+        Some(p) => Err(Failure {
+            message: p,
+            code: 1,
+        }),
         None => Ok(()),
     }
 }

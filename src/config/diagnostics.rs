@@ -105,11 +105,18 @@ impl Origins {
     /// the defaults (a problem about two keys is blamed on the one the
     /// operator changed).
     pub(super) fn of_problem(&self, problem: &str) -> String {
-        problem
+        let mut tokens = problem
             .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
             .map(|t| t.trim_matches('.'))
-            .filter(|t| t.contains('.') || self.top_level.iter().any(|k| k == t))
-            .find_map(|t| self.of_key(t))
+            .filter(|t| !t.is_empty());
+        // Every problem starts with its key (an unknown one included).
+        let leading = tokens.next().and_then(|t| self.of_key(t));
+        leading
+            .or_else(|| {
+                tokens
+                    .filter(|t| t.contains('.') || self.top_level.iter().any(|k| k == t))
+                    .find_map(|t| self.of_key(t))
+            })
             .unwrap_or_else(|| self.fallback.clone())
     }
 }
@@ -391,9 +398,7 @@ mod tests {
     #[test]
     fn serde_messages_become_key_and_allowed_values() {
         assert_eq!(
-            explain_load_error(
-                "unknown field `typo`, expected one of `a`, `b` for key `renewal`"
-            ),
+            explain_load_error("unknown field `typo`, expected one of `a`, `b` for key `renewal`"),
             "renewal.typo is not a known key; [renewal] allows: a, b"
         );
         assert_eq!(
@@ -404,7 +409,8 @@ mod tests {
         );
         let wrong = explain_load_error("invalid type: string \"x\", expected an integer for key `renewal.batch_size` in the environment");
         assert!(
-            wrong.starts_with("renewal.batch_size: invalid type: string \"x\", expected an integer"),
+            wrong
+                .starts_with("renewal.batch_size: invalid type: string \"x\", expected an integer"),
             "{wrong}"
         );
     }

@@ -58,10 +58,14 @@ impl Engine {
                         outcome = "charged",
                         "reconciled: the gateway took the charge"
                     );
-                    return self.record_success(&work, &open, charge, lease, now).await;
+                    return self
+                        .record_success(&work, &open, charge, lease, now, true)
+                        .await;
                 }
                 Ok(Lookup::Declined(decline)) => {
-                    return self.record_decline(&work, &open, decline, lease, now).await
+                    return self
+                        .record_decline(&work, &open, decline, lease, now, true)
+                        .await
                 }
                 Ok(Lookup::NotFound) if !self.settled(&open, now) => {
                     let still = GatewayError::Unknown(
@@ -109,7 +113,10 @@ impl Engine {
         if let Some(reason) = no_charge_reason(&work) {
             return self.skip(&work, lease, reason, now).await;
         }
-        if matches!(work.subscription.payment, PaymentMethod::BankTransfer { .. }) {
+        if matches!(
+            work.subscription.payment,
+            PaymentMethod::BankTransfer { .. }
+        ) {
             return self.process_transfer(&work, lease, now).await;
         }
         if let Some(first) = work.renewal.first_attempt_at {
@@ -184,7 +191,7 @@ impl Engine {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(charge) => {
-                self.record_success(&work, &attempt, charge, lease, now)
+                self.record_success(&work, &attempt, charge, lease, now, false)
                     .await
             }
             Err(GatewayError::Unknown(reason)) => {
@@ -192,7 +199,7 @@ impl Engine {
                     .await
             }
             Err(decline) => {
-                self.record_decline(&work, &attempt, decline, lease, now)
+                self.record_decline(&work, &attempt, decline, lease, now, false)
                     .await
             }
         }
@@ -238,10 +245,16 @@ impl Engine {
 
     /// The guarded update that gives the subscription its new term; a manual
     /// renewal also resets the auto-renewal switch (rule 3).
-    pub(super) fn term_patch(&self, work: &RenewalWork, status: Status, period: Period) -> SubscriptionPatch {
+    pub(super) fn term_patch(
+        &self,
+        work: &RenewalWork,
+        status: Status,
+        period: Period,
+    ) -> SubscriptionPatch {
         let sub = &work.subscription;
-        let auto_renew = (work.renewal.kind == RenewalKind::Manual)
-            .then(|| AutoRenew::after_manual_renewal(!work.renewal.auto_renew_after.unwrap_or(true)));
+        let auto_renew = (work.renewal.kind == RenewalKind::Manual).then(|| {
+            AutoRenew::after_manual_renewal(!work.renewal.auto_renew_after.unwrap_or(true))
+        });
         SubscriptionPatch {
             id: sub.id,
             expect_status: vec![sub.status],
@@ -274,7 +287,8 @@ impl Engine {
         } else {
             (
                 RenewalStatus::Retrying,
-                now.saturating_add(jiff::SignedDuration::from_hours(24)).ok(),
+                now.saturating_add(jiff::SignedDuration::from_hours(24))
+                    .ok(),
             )
         };
         self.store
@@ -334,6 +348,7 @@ impl Engine {
         charge: Charge,
         lease: &Lease,
         now: Timestamp,
+        reconciled: bool,
     ) -> EngineResult<Outcome> {
         let sub = &work.subscription;
         let r = &work.renewal;
@@ -377,7 +392,7 @@ impl Engine {
         } else {
             "renewal.succeeded"
         };
-        let change = Change {
+        let mut change = Change {
             lease: Some(lease.clone()),
             attempt: Some(AttemptPatch {
                 id: attempt.id,
@@ -417,6 +432,16 @@ impl Engine {
             only_if_mail_is_new: false,
             ..Default::default()
         };
+        if reconciled {
+            change.events.push(NewEvent {
+                amount_minor: Some(attempt.amount_minor),
+                currency: Some(attempt.currency.clone()),
+                idempotency_key: Some(attempt.idempotency_key.clone()),
+                outcome: Some("charged".into()),
+                detail: json!({"gateway_reference": charge.reference}),
+                ..NewEvent::new("charge.reconciled", sub)
+            });
+        }
         let refund = |why: String| refund_required(change.clone(), sub, &why);
         let applied = if change.subscription.is_none() {
             let why = format!("subscription is {} and cannot take the payment", sub.status);
@@ -456,6 +481,7 @@ impl Engine {
         decline: GatewayError,
         lease: &Lease,
         now: Timestamp,
+        reconciled: bool,
     ) -> EngineResult<Outcome> {
         let sub = &work.subscription;
         let hard = matches!(decline, GatewayError::HardDecline { .. });
@@ -475,12 +501,14 @@ impl Engine {
                 "declined_{}",
                 decline.decline_kind().unwrap_or("unknown")
             )),
-            detail: json!({"decline_code": decline.code(), "attempt": attempt.attempt_no}),
+            detail: json!({"decline_code": decline.code(), "attempt": attempt.attempt_no, "reconciled": reconciled}),
             ..NewEvent::new("charge.declined", sub)
         };
 
         if work.renewal.kind == RenewalKind::Manual {
-            return self.manual_declined(work, attempt_patch, base_event, &decline, lease, now).await;
+            return self
+                .manual_declined(work, attempt_patch, base_event, &decline, lease, now)
+                .await;
         }
         if work.renewal.kind == RenewalKind::Purchase {
             // A refused first payment: the subscription never starts.

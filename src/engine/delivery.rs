@@ -240,7 +240,8 @@ enum Recorded {
 /// Renders a stored mail with the process's templates (see
 /// `templates::install`); used to show subjects in `renewd mail list`.
 pub fn render(m: &Mail) -> Result<templates::Rendered, MailError> {
-    templates::render(m.kind, &m.locale, &context_of(m)).map_err(|e| MailError::Build(e.to_string()))
+    templates::render(m.kind, &m.locale, &context_of(m))
+        .map_err(|e| MailError::Build(e.to_string()))
 }
 
 fn render_with(t: &Templates, m: &Mail) -> Result<templates::Rendered, MailError> {

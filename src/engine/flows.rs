@@ -19,9 +19,9 @@ use crate::gateway::GatewayError;
 use crate::invoice;
 use crate::mail::MailKind;
 use crate::store::{
-    Change, Customer, Invoice, InvoiceSettlement, Lease, NewEvent, NewInvoice, NewMail, NewManualRenewal, Opened,
-    PaymentMethod, RenewalKind, RenewalPatch, RenewalStatus, RenewalWork, Request, RequestUpdate, Subscription,
-    SubscriptionPatch,
+    Change, Customer, Invoice, InvoiceSettlement, Lease, NewEvent, NewInvoice, NewMail,
+    NewManualRenewal, Opened, PaymentMethod, RenewalKind, RenewalPatch, RenewalStatus, RenewalWork,
+    Request, RequestUpdate, Subscription, SubscriptionPatch,
 };
 
 /// A bank-transfer contact as typed by staff.
@@ -60,9 +60,11 @@ pub enum CancelAt {
 
 impl ContactInput {
     fn validate(&self) -> EngineResult<PaymentMethod> {
-        let name = Name::parse(&self.name).map_err(|e| invalid_input(format!("--contact-name: {e}")))?;
+        let name =
+            Name::parse(&self.name).map_err(|e| invalid_input(format!("--contact-name: {e}")))?;
         let phone = Phone::parse(&self.phone).map_err(invalid_input)?;
-        let email = EmailAddress::parse(&self.email).map_err(|e| invalid_input(format!("--contact-email: {e}")))?;
+        let email = EmailAddress::parse(&self.email)
+            .map_err(|e| invalid_input(format!("--contact-email: {e}")))?;
         Ok(PaymentMethod::BankTransfer {
             contact_name: name.as_str().to_string(),
             contact_phone: phone.as_str().to_string(),
@@ -91,13 +93,26 @@ fn outcome_result(sub_id: i64, outcome: Outcome) -> (Option<Invoice>, Option<Str
 
 impl Engine {
     /// Validates a card token and expiry and asks the gateway for its details.
-    pub(super) async fn card_method(&self, card: &str, expiry: Option<&str>) -> EngineResult<PaymentMethod> {
+    pub(super) async fn card_method(
+        &self,
+        card: &str,
+        expiry: Option<&str>,
+    ) -> EngineResult<PaymentMethod> {
         let token = CardToken::parse(card).map_err(invalid_input)?;
-        let expiry = expiry.map(CardExpiry::parse).transpose().map_err(invalid_input)?;
-        let details = self.gateway.card_details(token.as_str()).await.map_err(|e| match e {
-            GatewayError::Unknown(m) => EngineError::Internal(format!("cannot reach the payment gateway: {m}")),
-            other => EngineError::Invalid(other.to_string()),
-        })?;
+        let expiry = expiry
+            .map(CardExpiry::parse)
+            .transpose()
+            .map_err(invalid_input)?;
+        let details = self
+            .gateway
+            .card_details(token.as_str())
+            .await
+            .map_err(|e| match e {
+                GatewayError::Unknown(m) => {
+                    EngineError::Internal(format!("cannot reach the payment gateway: {m}"))
+                }
+                other => EngineError::Invalid(other.to_string()),
+            })?;
         Ok(PaymentMethod::Card {
             token: token.as_str().to_string(),
             brand: details.brand,
@@ -149,7 +164,12 @@ impl Engine {
 
     /// The bank-transfer side of `process`: issue the open invoice, then at
     /// its deadline move the subscription to past due, void and expire.
-    pub(super) async fn process_transfer(&self, work: &RenewalWork, lease: &Lease, now: Timestamp) -> EngineResult<Outcome> {
+    pub(super) async fn process_transfer(
+        &self,
+        work: &RenewalWork,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
         let sub = &work.subscription;
         let r = &work.renewal;
         if r.status != RenewalStatus::AwaitingTransfer {
@@ -163,7 +183,9 @@ impl Engine {
             .find(|i| i.renewal_id == Some(r.id) && i.status == "open");
         let grace_end = r
             .period_start
-            .checked_add(SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.grace_days)))
+            .checked_add(SignedDuration::from_hours(
+                24 * i64::from(self.config.raw.bank_transfer.grace_days),
+            ))
             .unwrap_or(r.period_start);
         // An automatic renewal past the period end but inside the grace
         // period: the subscription is past due until the grace ends.
@@ -194,15 +216,30 @@ impl Engine {
                     now,
                 )
                 .await?;
-            tracing::warn!(subscription_id = sub.id, customer_id = sub.customer_id, outcome = "past_due", "bank transfer not received by the period end");
-            return Ok(Outcome::Declined { retry_at: Some(grace_end), code: "transfer_overdue".into() });
+            tracing::warn!(
+                subscription_id = sub.id,
+                customer_id = sub.customer_id,
+                outcome = "past_due",
+                "bank transfer not received by the period end"
+            );
+            return Ok(Outcome::Declined {
+                retry_at: Some(grace_end),
+                code: "transfer_overdue".into(),
+            });
         }
         // Deadline passed unpaid: the invoice is void. A purchase never
         // starts; a renewal ends the subscription; a manual renewal of a
         // subscription that is still running just lapses.
         let expire = matches!(r.kind, RenewalKind::Purchase | RenewalKind::Auto)
-            && matches!(sub.status, Status::PendingPayment | Status::Active | Status::PastDue);
-        let status = if expire { sub.status.on(SubEvent::Expire).ok() } else { None };
+            && matches!(
+                sub.status,
+                Status::PendingPayment | Status::Active | Status::PastDue
+            );
+        let status = if expire {
+            sub.status.on(SubEvent::Expire).ok()
+        } else {
+            None
+        };
         let mut mails = vec![];
         if status.is_some() && r.kind != RenewalKind::Purchase {
             mails.push(self.expired_mail(work, r.period_start.as_second()));
@@ -250,14 +287,30 @@ impl Engine {
             outcome = "void",
             "bank transfer not received: invoice voided"
         );
-        Ok(if status.is_some() { Outcome::Expired { declined: false } } else { Outcome::Skipped })
+        Ok(if status.is_some() {
+            Outcome::Expired { declined: false }
+        } else {
+            Outcome::Skipped
+        })
     }
 
-    async fn issue_transfer_invoice(&self, work: &RenewalWork, lease: &Lease, now: Timestamp) -> EngineResult<Outcome> {
+    async fn issue_transfer_invoice(
+        &self,
+        work: &RenewalWork,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> EngineResult<Outcome> {
         let sub = &work.subscription;
         let r = &work.renewal;
-        let PaymentMethod::BankTransfer { contact_email, contact_name, .. } = &sub.payment else {
-            return Err(EngineError::Internal("transfer flow on a card subscription".into()));
+        let PaymentMethod::BankTransfer {
+            contact_email,
+            contact_name,
+            ..
+        } = &sub.payment
+        else {
+            return Err(EngineError::Internal(
+                "transfer flow on a card subscription".into(),
+            ));
         };
         let (period, _) = self.new_term(work)?;
         let amounts = self.price_year(&sub.plan, &work.customer)?;
@@ -353,14 +406,19 @@ impl Engine {
     /// mark-paid`): the period is paid and the subscription extended.
     pub async fn mark_paid(&self, number: &str, reference: &str) -> EngineResult<Invoice> {
         let reference = reference.trim();
-        if reference.is_empty() || reference.chars().count() > 100 || reference.chars().any(char::is_control) {
-            return Err(invalid_input("--reference: give the bank's transfer reference (1 to 100 characters, one line)"));
+        if reference.is_empty()
+            || reference.chars().count() > 100
+            || reference.chars().any(char::is_control)
+        {
+            return Err(invalid_input(
+                "--reference: give the bank's transfer reference (1 to 100 characters, one line)",
+            ));
         }
-        let inv = self
-            .store
-            .invoice(number)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("invoice {number} not found; see `renewd invoice list`")))?;
+        let inv = self.store.invoice(number).await?.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "invoice {number} not found; see `renewd invoice list`"
+            ))
+        })?;
         match inv.status.as_str() {
             "paid" => {
                 return Err(EngineError::Refused(format!(
@@ -376,11 +434,9 @@ impl Engine {
             }
             _ => {}
         }
-        let renewal_id = self
-            .store
-            .invoice_renewal(number)
-            .await?
-            .ok_or_else(|| EngineError::Internal(format!("invoice {number} belongs to no renewal")))?;
+        let renewal_id = self.store.invoice_renewal(number).await?.ok_or_else(|| {
+            EngineError::Internal(format!("invoice {number} belongs to no renewal"))
+        })?;
         let now = self.now();
         let claim = self.new_claim(now);
         if !self.store.claim_renewal(renewal_id, &claim, now).await? {
@@ -396,9 +452,16 @@ impl Engine {
         let sub = &work.subscription;
         let (period, status) = self.new_term(&work)?;
         let status = status.ok_or_else(|| {
-            EngineError::Refused(format!("subscription {} is {} and cannot take this payment", sub.id, sub.status))
+            EngineError::Refused(format!(
+                "subscription {} is {} and cannot take this payment",
+                sub.id, sub.status
+            ))
         })?;
-        let kind = if work.renewal.kind == RenewalKind::Auto { MailKind::Receipt } else { MailKind::OrderConfirmation };
+        let kind = if work.renewal.kind == RenewalKind::Auto {
+            MailKind::Receipt
+        } else {
+            MailKind::OrderConfirmation
+        };
         let mut ctx = self.mail_context(sub, &work.customer);
         ctx["amount"] = json!(self.money(inv.total_minor, &inv.currency));
         ctx["new_period_end_date"] = json!(self.local_date(period.end, &work.customer));
@@ -470,14 +533,23 @@ impl Engine {
         }
     }
 
-    pub(super) async fn customer_and_plan(&self, customer_id: i64, plan: Option<String>) -> EngineResult<(Customer, String)> {
+    pub(super) async fn customer_and_plan(
+        &self,
+        customer_id: i64,
+        plan: Option<String>,
+    ) -> EngineResult<(Customer, String)> {
         let customer = self.store.customer(customer_id).await?.ok_or_else(|| {
-            EngineError::NotFound(format!("customer {customer_id} not found; create one with `renewd customer add`"))
+            EngineError::NotFound(format!(
+                "customer {customer_id} not found; create one with `renewd customer add`"
+            ))
         })?;
         let plan = plan.unwrap_or_else(|| self.config.raw.default_plan.clone());
         if !self.config.raw.plans.contains_key(&plan) {
             let known: Vec<&str> = self.config.raw.plans.keys().map(String::as_str).collect();
-            return Err(invalid_input(format!("unknown plan {plan:?}; use one of {}", known.join(", "))));
+            return Err(invalid_input(format!(
+                "unknown plan {plan:?}; use one of {}",
+                known.join(", ")
+            )));
         }
         self.price_year(&plan, &customer)?;
         Ok((customer, plan))
@@ -489,7 +561,9 @@ impl Engine {
     pub async fn renew(&self, input: RenewInput) -> EngineResult<FlowResult> {
         let terms = self.check_terms(input.accept_terms.as_deref())?;
         if input.card.is_some() && input.bank_transfer.is_some() {
-            return Err(invalid_input("choose one payment method: --card or --bank-transfer"));
+            return Err(invalid_input(
+                "choose one payment method: --card or --bank-transfer",
+            ));
         }
         let sub = self.subscription(input.subscription_id).await?;
         let id = sub.id;
@@ -505,7 +579,9 @@ impl Engine {
             _ => {}
         }
         if sub.cancel_at_period_end {
-            return Err(EngineError::Refused(format!("subscription {id} is to be cancelled at its period end")));
+            return Err(EngineError::Refused(format!(
+                "subscription {id} is to be cancelled at its period end"
+            )));
         }
         let now = self.now();
         if sub.status != Status::Expired && sub.current_period_start.is_some_and(|s| s > now) {
@@ -519,11 +595,9 @@ impl Engine {
             (None, Some(contact)) => Some(contact.validate()?),
             (None, None) => None,
         };
-        let customer = self
-            .store
-            .customer(sub.customer_id)
-            .await?
-            .ok_or_else(|| EngineError::Internal(format!("customer of subscription {id} missing")))?;
+        let customer = self.store.customer(sub.customer_id).await?.ok_or_else(|| {
+            EngineError::Internal(format!("customer of subscription {id} missing"))
+        })?;
         self.price_year(&sub.plan, &customer)?;
         let (period_start, term) = match (sub.status, sub.current_period_end) {
             (Status::Expired, _) | (_, None) => (now, 1),
@@ -593,10 +667,17 @@ impl Engine {
 
     /// Stores a new card; a subscription waiting on a declined card is
     /// retried with it on the next sweep.
-    pub async fn set_payment_method(&self, id: i64, card: &str, expiry: Option<&str>) -> EngineResult<Subscription> {
+    pub async fn set_payment_method(
+        &self,
+        id: i64,
+        card: &str,
+        expiry: Option<&str>,
+    ) -> EngineResult<Subscription> {
         let sub = self.subscription(id).await?;
         if sub.status == Status::Cancelled {
-            return Err(EngineError::Refused(format!("subscription {id} is cancelled")));
+            return Err(EngineError::Refused(format!(
+                "subscription {id} is cancelled"
+            )));
         }
         let pm = self.card_method(card, expiry).await?;
         let now = self.now();
@@ -619,14 +700,26 @@ impl Engine {
                 now,
             )
             .await?;
-        tracing::info!(subscription_id = id, customer_id = sub.customer_id, outcome = "updated", "card updated");
+        tracing::info!(
+            subscription_id = id,
+            customer_id = sub.customer_id,
+            outcome = "updated",
+            "card updated"
+        );
         self.subscription(id).await
     }
 
     /// Opens a support request (rule 10); only `cancel` requests exist.
-    pub async fn open_request(&self, subscription_id: i64, kind: &str, reason: &str) -> EngineResult<Request> {
+    pub async fn open_request(
+        &self,
+        subscription_id: i64,
+        kind: &str,
+        reason: &str,
+    ) -> EngineResult<Request> {
         if kind != "cancel" {
-            return Err(invalid_input(format!("--kind {kind:?}: the only request kind is cancel")));
+            return Err(invalid_input(format!(
+                "--kind {kind:?}: the only request kind is cancel"
+            )));
         }
         let reason = reason.trim();
         if reason.is_empty() || reason.chars().count() > 2000 {
@@ -634,10 +727,13 @@ impl Engine {
         }
         let sub = self.subscription(subscription_id).await?;
         if sub.status == Status::Cancelled {
-            return Err(EngineError::Refused(format!("subscription {subscription_id} is already cancelled")));
+            return Err(EngineError::Refused(format!(
+                "subscription {subscription_id} is already cancelled"
+            )));
         }
         let pending = self.store.list_requests(None).await?.into_iter().find(|r| {
-            r.subscription_id == subscription_id && matches!(r.status.as_str(), "open" | "in_progress")
+            r.subscription_id == subscription_id
+                && matches!(r.status.as_str(), "open" | "in_progress")
         });
         if let Some(r) = pending {
             return Err(EngineError::Refused(format!(
@@ -645,20 +741,23 @@ impl Engine {
                 r.id, r.status, r.id
             )));
         }
-        Ok(self.store.insert_request(subscription_id, kind, reason, self.now()).await?)
+        Ok(self
+            .store
+            .insert_request(subscription_id, kind, reason, self.now())
+            .await?)
     }
 
     pub async fn request(&self, id: i64) -> EngineResult<Request> {
-        self.store
-            .request(id)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("request {id} not found; see `renewd request list`")))
+        self.store.request(id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("request {id} not found; see `renewd request list`"))
+        })
     }
 
     /// Staff picked the request up.
     pub async fn start_request(&self, id: i64) -> EngineResult<Request> {
         let r = self.request(id).await?;
-        self.update_request(&r, "in_progress", None, vec!["open"]).await
+        self.update_request(&r, "in_progress", None, vec!["open"])
+            .await
     }
 
     pub async fn reject_request(&self, id: i64, reason: &str) -> EngineResult<Request> {
@@ -667,12 +766,27 @@ impl Engine {
             return Err(invalid_input("--reason: say why the request is rejected"));
         }
         let r = self.request(id).await?;
-        self.update_request(&r, "rejected", Some(reason.to_string()), vec!["open", "in_progress"]).await
+        self.update_request(
+            &r,
+            "rejected",
+            Some(reason.to_string()),
+            vec!["open", "in_progress"],
+        )
+        .await
     }
 
-    async fn update_request(&self, r: &Request, status: &str, resolution: Option<String>, from: Vec<&str>) -> EngineResult<Request> {
+    async fn update_request(
+        &self,
+        r: &Request,
+        status: &str,
+        resolution: Option<String>,
+        from: Vec<&str>,
+    ) -> EngineResult<Request> {
         if !from.contains(&r.status.as_str()) {
-            return Err(EngineError::Refused(format!("request {} is {}; it cannot become {status}", r.id, r.status)));
+            return Err(EngineError::Refused(format!(
+                "request {} is {}; it cannot become {status}",
+                r.id, r.status
+            )));
         }
         let sub = self.subscription(r.subscription_id).await?;
         self.store
@@ -703,7 +817,10 @@ impl Engine {
     pub async fn resolve_request(&self, id: i64, at: CancelAt) -> EngineResult<Request> {
         let r = self.request(id).await?;
         if !matches!(r.status.as_str(), "open" | "in_progress") {
-            return Err(EngineError::Refused(format!("request {id} is {}; only open requests can be resolved", r.status)));
+            return Err(EngineError::Refused(format!(
+                "request {id} is {}; only open requests can be resolved",
+                r.status
+            )));
         }
         let sub = self.subscription(r.subscription_id).await?;
         let customer = self
@@ -714,7 +831,11 @@ impl Engine {
         let now = self.now();
         // A subscription that is not running (past due, unpaid, expired) has
         // no period left to serve: cancelling at period end is cancelling now.
-        let now_or_end = if sub.status == Status::Active { at } else { CancelAt::Now };
+        let now_or_end = if sub.status == Status::Active {
+            at
+        } else {
+            CancelAt::Now
+        };
         let (patch, resolution, mails) = match now_or_end {
             CancelAt::Now => {
                 let status = sub
@@ -741,7 +862,10 @@ impl Engine {
                     cancel_at_period_end: Some(true),
                     ..Default::default()
                 },
-                format!("cancels at period end ({})", super::fmt_ts(sub.current_period_end)),
+                format!(
+                    "cancels at period end ({})",
+                    super::fmt_ts(sub.current_period_end)
+                ),
                 vec![],
             ),
         };
@@ -759,7 +883,14 @@ impl Engine {
                     }),
                     mails,
                     events: vec![NewEvent {
-                        outcome: Some(if now_or_end == CancelAt::Now { "cancelled" } else { "cancel_at_period_end" }.into()),
+                        outcome: Some(
+                            if now_or_end == CancelAt::Now {
+                                "cancelled"
+                            } else {
+                                "cancel_at_period_end"
+                            }
+                            .into(),
+                        ),
                         detail: json!({"request_id": id, "resolution": resolution}),
                         ..NewEvent::new("subscription.cancellation", &sub)
                     }],
@@ -772,7 +903,12 @@ impl Engine {
         self.request(id).await
     }
 
-    pub(super) fn cancel_mail(&self, sub: &Subscription, customer: &Customer, context: serde_json::Value) -> NewMail {
+    pub(super) fn cancel_mail(
+        &self,
+        sub: &Subscription,
+        customer: &Customer,
+        context: serde_json::Value,
+    ) -> NewMail {
         NewMail {
             subscription_id: sub.id,
             customer_id: sub.customer_id,

@@ -101,7 +101,8 @@ impl Engine {
             // Opened again on every round: a renewal that succeeded may leave a
             // period end still in the past (renewd was down for over a year),
             // and that next period is due in this same sweep.
-            let lead = SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
+            let lead =
+                SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
             self.store.open_due_renewals(now, lead).await?;
             // The lease runs from when it is taken, not from the start of the
             // sweep, so a long sweep never hands out already-expired claims.
@@ -204,7 +205,12 @@ impl Engine {
         }
     }
 
-    async fn cancel_at_end(&self, sub: &Subscription, customer: &Customer, now: Timestamp) -> EngineResult<()> {
+    async fn cancel_at_end(
+        &self,
+        sub: &Subscription,
+        customer: &Customer,
+        now: Timestamp,
+    ) -> EngineResult<()> {
         let status = sub
             .status
             .on(SubEvent::Cancel)

@@ -116,7 +116,7 @@ impl From<&crate::config::SandboxSettings> for Faults {
 }
 
 fn every(n: u64, k: u64) -> bool {
-    k > 0 && n % k == 0
+    k > 0 && n.is_multiple_of(k)
 }
 
 pub struct SandboxGateway {
@@ -250,9 +250,14 @@ fn infra(e: sqlx::Error) -> GatewayError {
 impl PaymentGateway for SandboxGateway {
     async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
         self.delay().await;
-        let n = self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let n = self
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         if every(n, self.faults.fail_5xx_every) {
-            return Err(GatewayError::Unknown("sandbox: injected HTTP 500 before charging".into()));
+            return Err(GatewayError::Unknown(
+                "sandbox: injected HTTP 500 before charging".into(),
+            ));
         }
         let _guard = self.write.lock().await;
         let mut tx = self
@@ -281,7 +286,9 @@ impl PaymentGateway for SandboxGateway {
             return Self::stored_result(&row).map_err(infra)?;
         }
         let (outcome, kind, code) = match test_card(&req.payment_method) {
-            _ if every(n, self.faults.decline_every) => ("declined", Some("soft"), Some("processing_error")),
+            _ if every(n, self.faults.decline_every) => {
+                ("declined", Some("soft"), Some("processing_error"))
+            }
             Some(TestCard::Succeeds { .. }) => ("succeeded", None, None),
             Some(TestCard::Hard { code, .. }) => ("declined", Some("hard"), Some(code)),
             Some(TestCard::Soft { code, .. }) => ("declined", Some("soft"), Some(code)),
@@ -311,7 +318,9 @@ impl PaymentGateway for SandboxGateway {
         .map_err(infra)?;
         tx.commit().await.map_err(infra)?;
         if every(n, self.faults.timeout_after_charge_every) {
-            return Err(GatewayError::Unknown("sandbox: injected timeout after taking the charge".into()));
+            return Err(GatewayError::Unknown(
+                "sandbox: injected timeout after taking the charge".into(),
+            ));
         }
         Self::stored_result(&row).map_err(infra)?
     }
@@ -411,10 +420,17 @@ mod tests {
         assert!(gw.charge(&req("a", "pm_card_visa", 1)).await.is_ok());
         let timed_out = gw.charge(&req("b", "pm_card_visa", 1)).await.unwrap_err();
         assert!(matches!(timed_out, GatewayError::Unknown(_)));
-        assert!(matches!(gw.lookup("b").await.unwrap(), Lookup::Charged(_)), "taken before the timeout");
+        assert!(
+            matches!(gw.lookup("b").await.unwrap(), Lookup::Charged(_)),
+            "taken before the timeout"
+        );
         let five_hundred = gw.charge(&req("c", "pm_card_visa", 1)).await.unwrap_err();
         assert!(matches!(five_hundred, GatewayError::Unknown(_)));
-        assert_eq!(gw.lookup("c").await.unwrap(), Lookup::NotFound, "a 500 before charging took nothing");
+        assert_eq!(
+            gw.lookup("c").await.unwrap(),
+            Lookup::NotFound,
+            "a 500 before charging took nothing"
+        );
     }
 
     #[tokio::test]

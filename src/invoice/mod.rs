@@ -120,7 +120,10 @@ pub(crate) struct Prepared {
     pub payment: String,
 }
 
-pub(crate) fn prepare(inv: &Invoice, locale_override: Option<&str>) -> Result<Prepared, DocumentError> {
+pub(crate) fn prepare(
+    inv: &Invoice,
+    locale_override: Option<&str>,
+) -> Result<Prepared, DocumentError> {
     let fail = |e: String| DocumentError::Render(inv.number.clone(), e);
     let currency = Currency::parse(&inv.currency).map_err(|e| fail(e.to_string()))?;
     let money = |minor: i64| Money::new(minor, currency).display();
@@ -139,12 +142,21 @@ pub(crate) fn prepare(inv: &Invoice, locale_override: Option<&str>) -> Result<Pr
     let t = labels(&locale);
     let int = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
     let rate = |bp: i64| format_rate(u32::try_from(bp).unwrap_or(0));
-    let array = |k: &str| doc.get(k).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let array = |k: &str| {
+        doc.get(k)
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
     let lines = array("lines")
         .iter()
         .map(|l| Row {
             number: int(l, "number"),
-            description: l.get("description").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+            description: l
+                .get("description")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string(),
             quantity: int(l, "quantity"),
             unit: money(int(l, "unit_amount_minor")),
             amount: money(int(l, "amount_minor")),
@@ -181,7 +193,8 @@ pub fn render_html(inv: &Invoice) -> Result<String, DocumentError> {
     let p = prepare(inv, None)?;
     let mut env = Environment::new();
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
-    env.add_template("invoice.html", TEMPLATE).map_err(|e| fail(e.to_string()))?;
+    env.add_template("invoice.html", TEMPLATE)
+        .map_err(|e| fail(e.to_string()))?;
     env.get_template("invoice.html")
         .and_then(|tpl| {
             tpl.render(context! {
@@ -233,7 +246,10 @@ pub fn document_path(dir: &Path, number: &str, ext: &str) -> PathBuf {
 /// Writes the HTML and PDF documents under `dir`, atomically.
 pub fn write_documents(dir: &Path, inv: &Invoice) -> Result<(), DocumentError> {
     std::fs::create_dir_all(dir).map_err(|e| DocumentError::Io(dir.to_path_buf(), e))?;
-    write_atomically(&document_path(dir, &inv.number, "html"), render_html(inv)?.as_bytes())?;
+    write_atomically(
+        &document_path(dir, &inv.number, "html"),
+        render_html(inv)?.as_bytes(),
+    )?;
     write_atomically(&document_path(dir, &inv.number, "pdf"), &render_pdf(inv)?)?;
     Ok(())
 }

@@ -86,11 +86,15 @@ impl Page {
 pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
     let p = prepare(inv, Some("en"))?;
     let doc = &inv.document;
-    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
+    };
     let seller = doc.get("seller").cloned().unwrap_or_default();
     let buyer = doc.get("buyer").cloned().unwrap_or_default();
 
-    let mut page = Page { content: Content::new() };
+    let mut page = Page {
+        content: Content::new(),
+    };
     let mut y = HEIGHT - 70.0;
     page.text(LEFT, y, 22.0, true, &format!("Invoice {}", inv.number));
     page.right(RIGHT, y, 12.0, true, &inv.status.to_uppercase());
@@ -112,18 +116,25 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
         seller
             .get("address")
             .and_then(|a| a.as_array())
-            .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect::<Vec<_>>())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default(),
     );
     from.push(s(&seller, "email"));
     if !s(&seller, "tax_id").is_empty() {
         from.push(format!("Tax ID {}", s(&seller, "tax_id")));
     }
-    let to = vec![
+    let to = [
         s(&buyer, "name"),
         s(&buyer, "email"),
         s(&buyer, "country"),
-        format!("Customer #{} / Subscription #{}", inv.customer_id, inv.subscription_id),
+        format!(
+            "Customer #{} / Subscription #{}",
+            inv.customer_id, inv.subscription_id
+        ),
     ];
     let block_top = y - 14.0;
     for (i, line) in from.iter().enumerate() {
@@ -164,11 +175,21 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
     page.right(RIGHT, y, 10.0, false, &p.subtotal);
     for t in &p.taxes {
         y -= 15.0;
-        page.right(450.0, y, 10.0, false, &format!("Tax {} on {}", t.rate, t.taxable));
+        page.right(
+            450.0,
+            y,
+            10.0,
+            false,
+            &format!("Tax {} on {}", t.rate, t.taxable),
+        );
         page.right(RIGHT, y, 10.0, false, &t.tax);
     }
     y -= 10.0;
-    page.content.set_line_width(1.0).move_to(330.0, y).line_to(RIGHT, y).stroke();
+    page.content
+        .set_line_width(1.0)
+        .move_to(330.0, y)
+        .line_to(RIGHT, y)
+        .stroke();
     y -= 18.0;
     page.right(450.0, y, 13.0, true, &format!("Total ({})", inv.currency));
     page.right(RIGHT, y, 13.0, true, &p.total);
@@ -190,7 +211,10 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
     pg.media_box(Rect::new(0.0, 0.0, WIDTH, HEIGHT));
     pg.parent(tree);
     pg.contents(content_id);
-    pg.resources().fonts().pair(Name(b"F1"), regular).pair(Name(b"F2"), bold);
+    pg.resources()
+        .fonts()
+        .pair(Name(b"F1"), regular)
+        .pair(Name(b"F2"), bold);
     pg.finish();
     pdf.type1_font(regular)
         .base_font(Name(b"Helvetica"))
@@ -212,7 +236,10 @@ mod tests {
 
     #[test]
     fn win_ansi_keeps_latin_and_currency_signs() {
-        assert_eq!(win_ansi("¥53,000"), vec![0xA5, b'5', b'3', b',', b'0', b'0', b'0']);
+        assert_eq!(
+            win_ansi("¥53,000"),
+            vec![0xA5, b'5', b'3', b',', b'0', b'0', b'0']
+        );
         assert_eq!(win_ansi("€1"), vec![0x80, b'1']);
         assert_eq!(win_ansi("山"), vec![b'?']);
     }

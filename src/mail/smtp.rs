@@ -46,7 +46,8 @@ impl std::fmt::Debug for SmtpTransport {
 pub fn check_settings(s: &SmtpSettings) -> Vec<String> {
     let mut problems = Vec::new();
     if s.port == 0 {
-        problems.push("mail.smtp.port must be 1..=65535 (587 for starttls, 465 for implicit)".into());
+        problems
+            .push("mail.smtp.port must be 1..=65535 (587 for starttls, 465 for implicit)".into());
     }
     if let Err(e) = parse_timeout(&s.timeout) {
         problems.push(e);
@@ -60,14 +61,12 @@ pub fn check_settings(s: &SmtpSettings) -> Vec<String> {
     let has_password = !s.password.expose_secret().is_empty();
     let has_file = !s.password_file.is_empty();
     if has_password && has_file {
-        problems.push(
-            "mail.smtp.password and mail.smtp.password_file are both set; keep one".into(),
-        );
+        problems
+            .push("mail.smtp.password and mail.smtp.password_file are both set; keep one".into());
     }
     if s.username.is_empty() && (has_password || has_file) {
         problems.push(
-            "mail.smtp.password is set but mail.smtp.username is empty; set both or neither"
-                .into(),
+            "mail.smtp.password is set but mail.smtp.username is empty; set both or neither".into(),
         );
     }
     if !s.username.is_empty() && !has_password && !has_file {
@@ -83,9 +82,8 @@ pub fn check_settings(s: &SmtpSettings) -> Vec<String> {
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("mail.smtp.timeout = {s:?} is not a duration of 1s..=10m; use e.g. \"30s\"")
-    };
+    let bad =
+        || format!("mail.smtp.timeout = {s:?} is not a duration of 1s..=10m; use e.g. \"30s\"");
     let d = s.parse::<jiff::SignedDuration>().map_err(|_| bad())?;
     let d = Duration::try_from(d).map_err(|_| bad())?;
     if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
@@ -212,8 +210,8 @@ fn classify(e: &lettre::transport::smtp::Error) -> MailError {
     let text = mask_addresses(&describe(e));
     let code = e.status().map(|c| c.to_string());
     if e.is_permanent() {
-        let auth = code.as_deref().is_some_and(|c| AUTH_CODES.contains(&c))
-            || text.contains("5.7.8");
+        let auth =
+            code.as_deref().is_some_and(|c| AUTH_CODES.contains(&c)) || text.contains("5.7.8");
         if auth {
             MailError::Transient(format!("SMTP relay refused our credentials: {text}"))
         } else {
@@ -305,7 +303,10 @@ mod tests {
             mask_addresses("550 5.1.1 <nobody@example.com>: Recipient address rejected"),
             "550 5.1.1 <n***@example.com>: Recipient address rejected"
         );
-        assert_eq!(mask_addresses("no address here @ all"), "no address here @ all");
+        assert_eq!(
+            mask_addresses("no address here @ all"),
+            "no address here @ all"
+        );
     }
 
     #[test]

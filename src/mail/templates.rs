@@ -177,7 +177,10 @@ impl Templates {
                 .map_err(err)
         };
         let vars = minijinja::context! { locale => locale, kind => kind.as_str() };
-        let subject = one_line(&render(format!("{locale}/{kind}.subject.txt"), vars.clone())?);
+        let subject = one_line(&render(
+            format!("{locale}/{kind}.subject.txt"),
+            vars.clone(),
+        )?);
         let text = tidy_text(&render(format!("{locale}/{kind}.txt"), vars.clone())?);
         let (accent, accent_soft) = accent(kind);
         let html = render(
@@ -306,7 +309,9 @@ fn is_safe_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('/')
         && !name.contains('\\')
-        && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
@@ -624,7 +629,12 @@ mod tests {
         assert!(r.html.contains("renewd subscription renew 42"));
         let ja = render_builtin(MailKind::RenewalReminder, "ja", &ctx());
         assert!(ja.subject.contains("2028年3月1日"), "{}", ja.subject);
-        assert!(ja.text.contains("2028年3月1日 0:00（Asia/Tokyo 時間）に終了します（あと 7 日）"), "{}", ja.text);
+        assert!(
+            ja.text
+                .contains("2028年3月1日 0:00（Asia/Tokyo 時間）に終了します（あと 7 日）"),
+            "{}",
+            ja.text
+        );
         assert!(ja.text.contains("renewd subscription renew 42"));
     }
 

@@ -607,16 +607,36 @@ pub trait Store: Send + Sync {
     /// with auto-renewal on whose period has ended, and of every
     /// bank-transfer one whose period ends within `transfer_lead` (its
     /// invoice is issued ahead). Returns rows created.
-    async fn open_due_renewals(&self, now: Timestamp, transfer_lead: jiff::SignedDuration) -> StoreResult<u64>;
+    async fn open_due_renewals(
+        &self,
+        now: Timestamp,
+        transfer_lead: jiff::SignedDuration,
+    ) -> StoreResult<u64>;
     /// Creates or takes the renewal row of a manual renewal, with its terms
     /// acceptance, claimed under `claim`.
-    async fn open_manual_renewal(&self, r: &NewManualRenewal, claim: &Claim, now: Timestamp) -> StoreResult<Opened>;
+    async fn open_manual_renewal(
+        &self,
+        r: &NewManualRenewal,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<Opened>;
     /// Claims one renewal if nobody holds it.
-    async fn claim_renewal(&self, renewal_id: i64, claim: &Claim, now: Timestamp) -> StoreResult<bool>;
+    async fn claim_renewal(
+        &self,
+        renewal_id: i64,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
     /// The renewal an invoice belongs to.
     async fn invoice_renewal(&self, number: &str) -> StoreResult<Option<i64>>;
 
-    async fn insert_request(&self, subscription_id: i64, kind: &str, reason: &str, now: Timestamp) -> StoreResult<Request>;
+    async fn insert_request(
+        &self,
+        subscription_id: i64,
+        kind: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<Request>;
     async fn request(&self, id: i64) -> StoreResult<Option<Request>>;
     async fn list_requests(&self, status: Option<&str>) -> StoreResult<Vec<Request>>;
     /// Claims up to `limit` due, unleased (or lease-expired) renewals.
@@ -681,9 +701,12 @@ pub trait Store: Send + Sync {
         let mut oldest_queued_mail_at: Option<Timestamp> = None;
         for m in self.list_mail(&MailFilter::default()).await? {
             if m.status == "queued" {
-                oldest_queued_mail_at = Some(oldest_queued_mail_at.map_or(m.created_at, |t| t.min(m.created_at)));
+                oldest_queued_mail_at =
+                    Some(oldest_queued_mail_at.map_or(m.created_at, |t| t.min(m.created_at)));
             }
-            *mail.entry((m.kind.as_str().to_string(), m.status)).or_default() += 1;
+            *mail
+                .entry((m.kind.as_str().to_string(), m.status))
+                .or_default() += 1;
         }
         Ok(Gauges {
             due_subscriptions: active

@@ -771,7 +771,11 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn open_due_renewals(&self, now: Timestamp, transfer_lead: jiff::SignedDuration) -> StoreResult<u64> {
+    async fn open_due_renewals(
+        &self,
+        now: Timestamp,
+        transfer_lead: jiff::SignedDuration,
+    ) -> StoreResult<u64> {
         let (_guard, mut tx) = self.write_tx().await?;
         let cards = sqlx::query(
             "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
@@ -803,7 +807,12 @@ impl Store for SqliteStore {
         Ok(cards.rows_affected() + transfers.rows_affected())
     }
 
-    async fn open_manual_renewal(&self, r: &NewManualRenewal, claim: &Claim, now: Timestamp) -> StoreResult<Opened> {
+    async fn open_manual_renewal(
+        &self,
+        r: &NewManualRenewal,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<Opened> {
         let (_guard, mut tx) = self.write_tx().await?;
         let existing = sqlx::query(
             "SELECT id, status, lease_token, lease_expires_at FROM renewals WHERE subscription_id = ? AND period_start = ?",
@@ -897,7 +906,12 @@ impl Store for SqliteStore {
         Ok(Opened::Claimed(work.renewal))
     }
 
-    async fn claim_renewal(&self, renewal_id: i64, claim: &Claim, now: Timestamp) -> StoreResult<bool> {
+    async fn claim_renewal(
+        &self,
+        renewal_id: i64,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
         let (_guard, mut tx) = self.write_tx().await?;
         let done = sqlx::query(
             "UPDATE renewals SET lease_token = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? \
@@ -916,14 +930,22 @@ impl Store for SqliteStore {
     }
 
     async fn invoice_renewal(&self, number: &str) -> StoreResult<Option<i64>> {
-        Ok(sqlx::query_scalar("SELECT renewal_id FROM invoices WHERE number = ?")
-            .bind(number)
-            .fetch_optional(&self.pool)
-            .await?
-            .flatten())
+        Ok(
+            sqlx::query_scalar("SELECT renewal_id FROM invoices WHERE number = ?")
+                .bind(number)
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
     }
 
-    async fn insert_request(&self, subscription_id: i64, kind: &str, reason: &str, now: Timestamp) -> StoreResult<Request> {
+    async fn insert_request(
+        &self,
+        subscription_id: i64,
+        kind: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<Request> {
         let (_guard, mut tx) = self.write_tx().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO requests (subscription_id, kind, status, reason, created_at, updated_at) \
@@ -964,10 +986,11 @@ impl Store for SqliteStore {
     }
 
     async fn list_requests(&self, status: Option<&str>) -> StoreResult<Vec<Request>> {
-        let rows = sqlx::query("SELECT * FROM requests WHERE (?1 IS NULL OR status = ?1) ORDER BY id")
-            .bind(status)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM requests WHERE (?1 IS NULL OR status = ?1) ORDER BY id")
+                .bind(status)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(request_from).collect()
     }
 
@@ -1074,6 +1097,29 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let attempt = attempt_from(&row)?;
+        let (subscription_id, customer_id): (i64, i64) = sqlx::query_as(
+            "SELECT s.id, s.customer_id FROM renewals r JOIN subscriptions s ON s.id = r.subscription_id WHERE r.id = ?",
+        )
+        .bind(lease.renewal_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            &NewEvent {
+                kind: "charge.attempt".into(),
+                subscription_id: Some(subscription_id),
+                customer_id: Some(customer_id),
+                amount_minor: Some(a.amount_minor),
+                currency: Some(a.currency.clone()),
+                idempotency_key: Some(a.idempotency_key.clone()),
+                outcome: Some("sent".into()),
+                detail: serde_json::json!({"attempt": attempt.attempt_no, "payment_method_kind": "card"}),
+                ..Default::default()
+            },
+            None,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(attempt)
     }
@@ -1158,7 +1204,10 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() != 1 {
-                return Err(StoreError::Conflict(format!("invoice {} is not open", settle.number)));
+                return Err(StoreError::Conflict(format!(
+                    "invoice {} is not open",
+                    settle.number
+                )));
             }
         }
         if let Some(r) = &change.request {
@@ -1168,17 +1217,21 @@ impl Store for SqliteStore {
                  resolved_at = CASE WHEN ? THEN ? ELSE resolved_at END WHERE id = ? AND status IN ({marks}) RETURNING id"
             );
             let mut q = sqlx::query_scalar::<_, i64>(&sql)
-            .bind(&r.status)
-            .bind(&r.resolution)
-            .bind(secs(now))
-            .bind(r.resolved)
-            .bind(secs(now))
-            .bind(r.id);
+                .bind(&r.status)
+                .bind(&r.resolution)
+                .bind(secs(now))
+                .bind(r.resolved)
+                .bind(secs(now))
+                .bind(r.id);
             for s in &r.expect_status {
                 q = q.bind(s);
             }
             if q.fetch_optional(&mut *tx).await?.is_none() {
-                return Err(StoreError::Conflict(format!("request {} is no longer {}", r.id, r.expect_status.join(" or "))));
+                return Err(StoreError::Conflict(format!(
+                    "request {} is no longer {}",
+                    r.id,
+                    r.expect_status.join(" or ")
+                )));
             }
         }
         let invoice_number = match &change.invoice {

@@ -628,31 +628,85 @@ fn terms_prints_the_current_version() {
 fn bank_transfer_purchase_mark_paid_and_documents_through_the_cli() {
     let env = Env::new();
     let customer = add_customer(&env).to_string();
-    let sub = env.json(T0, &[
-        "subscription", "purchase", "--customer", &customer, "--accept-terms", "2026-04", "--bank-transfer",
-        "--contact-name", "Keiko Accounts", "--contact-phone", "+81 3-1234-5678", "--contact-email", "ap@example.co.jp", "--json",
-    ]);
+    let sub = env.json(
+        T0,
+        &[
+            "subscription",
+            "purchase",
+            "--customer",
+            &customer,
+            "--accept-terms",
+            "2026-04",
+            "--bank-transfer",
+            "--contact-name",
+            "Keiko Accounts",
+            "--contact-phone",
+            "+81 3-1234-5678",
+            "--contact-email",
+            "ap@example.co.jp",
+            "--json",
+        ],
+    );
     assert_eq!(sub["status"], "pending_payment");
     assert_eq!(sub["payment_method"]["kind"], "bank_transfer");
     assert_eq!(sub["invoice"]["status"], "open");
     let number = sub["invoice"]["number"].as_str().unwrap().to_string();
     let id = sub["id"].as_i64().unwrap().to_string();
 
-    let paid = env.json("2027-03-05T00:00:00Z", &["invoice", "mark-paid", &number, "--reference", "MIZUHO-7781", "--json"]);
+    let paid = env.json(
+        "2027-03-05T00:00:00Z",
+        &[
+            "invoice",
+            "mark-paid",
+            &number,
+            "--reference",
+            "MIZUHO-7781",
+            "--json",
+        ],
+    );
     assert_eq!(paid["status"], "paid");
     assert_eq!(paid["payment_reference"], "MIZUHO-7781");
-    let shown = env.json("2027-03-05T00:00:00Z", &["subscription", "show", &id, "--json"]);
+    let shown = env.json(
+        "2027-03-05T00:00:00Z",
+        &["subscription", "show", &id, "--json"],
+    );
     assert_eq!(shown["status"], "active");
     assert_eq!(shown["anchor_date"], "2027-03-01");
 
     let pdf = env.dir.path().join("inv.pdf");
-    let out = env.cmd("2027-03-05T00:00:00Z", &["invoice", "download", &number, "--format", "pdf", "--out", pdf.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.cmd(
+        "2027-03-05T00:00:00Z",
+        &[
+            "invoice",
+            "download",
+            &number,
+            "--format",
+            "pdf",
+            "--out",
+            pdf.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(&pdf).unwrap();
     assert!(bytes.starts_with(b"%PDF-") && String::from_utf8_lossy(&bytes).contains(&number));
-    let events = env.json("2027-03-05T00:00:00Z", &["events", "--subscription", &id, "--json"]);
-    let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert!(kinds.contains(&"invoice.issued") && kinds.contains(&"invoice.paid"), "{kinds:?}");
+    let events = env.json(
+        "2027-03-05T00:00:00Z",
+        &["events", "--subscription", &id, "--json"],
+    );
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"invoice.issued") && kinds.contains(&"invoice.paid"),
+        "{kinds:?}"
+    );
 }
 
 #[test]
@@ -661,22 +715,62 @@ fn manual_renewal_and_cancellation_requests_through_the_cli() {
     let customer = add_customer(&env);
     let id = purchase(&env, customer)["id"].as_i64().unwrap().to_string();
     env.json(T0, &["subscription", "auto-renew", &id, "off", "--json"]);
-    let renewed = env.json("2028-02-20T00:00:00Z", &["subscription", "renew", &id, "--accept-terms", "2026-04", "--json"]);
+    let renewed = env.json(
+        "2028-02-20T00:00:00Z",
+        &[
+            "subscription",
+            "renew",
+            &id,
+            "--accept-terms",
+            "2026-04",
+            "--json",
+        ],
+    );
     assert_eq!(renewed["auto_renew"], true);
     assert_eq!(renewed["current_period_end"], "2029-02-28T15:00:00Z");
     assert_eq!(renewed["invoice"]["status"], "paid");
 
-    let req = env.json("2028-03-01T00:00:00Z", &["request", "open", "--subscription", &id, "--kind", "cancel", "--reason", "closing the company", "--json"]);
+    let req = env.json(
+        "2028-03-01T00:00:00Z",
+        &[
+            "request",
+            "open",
+            "--subscription",
+            &id,
+            "--kind",
+            "cancel",
+            "--reason",
+            "closing the company",
+            "--json",
+        ],
+    );
     assert_eq!(req["status"], "open");
     let rid = req["id"].as_i64().unwrap().to_string();
-    let listed = env.json("2028-03-01T00:00:00Z", &["request", "list", "--status", "open", "--json"]);
+    let listed = env.json(
+        "2028-03-01T00:00:00Z",
+        &["request", "list", "--status", "open", "--json"],
+    );
     assert_eq!(listed.as_array().unwrap().len(), 1);
-    let done = env.json("2028-03-01T00:00:00Z", &["request", "resolve", &rid, "--cancel", "now", "--json"]);
+    let done = env.json(
+        "2028-03-01T00:00:00Z",
+        &["request", "resolve", &rid, "--cancel", "now", "--json"],
+    );
     assert_eq!(done["status"], "resolved");
-    for field in ["id", "subscription_id", "kind", "status", "reason", "created_at", "resolved_at"] {
+    for field in [
+        "id",
+        "subscription_id",
+        "kind",
+        "status",
+        "reason",
+        "created_at",
+        "resolved_at",
+    ] {
         assert!(done.get(field).is_some(), "request has {field}");
     }
-    let shown = env.json("2028-03-01T00:00:00Z", &["subscription", "show", &id, "--json"]);
+    let shown = env.json(
+        "2028-03-01T00:00:00Z",
+        &["subscription", "show", &id, "--json"],
+    );
     assert_eq!(shown["status"], "cancelled");
 }
 
@@ -686,38 +780,203 @@ fn bad_input_in_the_vendor_flows_gets_one_line_and_changes_nothing() {
     let customer = add_customer(&env).to_string();
     let paid_sub = purchase(&env, customer.parse().unwrap());
     let id = paid_sub["id"].as_i64().unwrap().to_string();
-    let cancelled = purchase(&env, customer.parse().unwrap())["id"].as_i64().unwrap().to_string();
-    let rid = env.json(T0, &["request", "open", "--subscription", &cancelled, "--kind", "cancel", "--reason", "x", "--json"])["id"]
-        .as_i64().unwrap().to_string();
-    env.json(T0, &["request", "resolve", &rid, "--cancel", "now", "--json"]);
+    let cancelled = purchase(&env, customer.parse().unwrap())["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let rid = env.json(
+        T0,
+        &[
+            "request",
+            "open",
+            "--subscription",
+            &cancelled,
+            "--kind",
+            "cancel",
+            "--reason",
+            "x",
+            "--json",
+        ],
+    )["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    env.json(
+        T0,
+        &["request", "resolve", &rid, "--cancel", "now", "--json"],
+    );
     // Renewed early once: renewing the same subscription again must be refused.
-    env.json(T0, &["subscription", "renew", &id, "--accept-terms", "2026-04", "--json"]);
+    env.json(
+        T0,
+        &[
+            "subscription",
+            "renew",
+            &id,
+            "--accept-terms",
+            "2026-04",
+            "--json",
+        ],
+    );
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["subscription", "renew", "999", "--accept-terms", "2026-04"], "subscription 999 not found"),
-        (vec!["subscription", "payment-method", "999", "--card", "pm_card_visa"], "subscription 999 not found"),
-        (vec!["request", "open", "--subscription", "999", "--kind", "cancel", "--reason", "x"], "subscription 999 not found"),
-        (vec!["request", "open", "--subscription", &cancelled, "--kind", "cancel", "--reason", "again"], "already cancelled"),
-        (vec!["request", "open", "--subscription", &id, "--kind", "refund", "--reason", "x"], "only request kind is cancel"),
-        (vec!["request", "resolve", &rid, "--cancel", "now"], "only open requests"),
+        (
+            vec!["subscription", "renew", "999", "--accept-terms", "2026-04"],
+            "subscription 999 not found",
+        ),
+        (
+            vec![
+                "subscription",
+                "payment-method",
+                "999",
+                "--card",
+                "pm_card_visa",
+            ],
+            "subscription 999 not found",
+        ),
+        (
+            vec![
+                "request",
+                "open",
+                "--subscription",
+                "999",
+                "--kind",
+                "cancel",
+                "--reason",
+                "x",
+            ],
+            "subscription 999 not found",
+        ),
+        (
+            vec![
+                "request",
+                "open",
+                "--subscription",
+                &cancelled,
+                "--kind",
+                "cancel",
+                "--reason",
+                "again",
+            ],
+            "already cancelled",
+        ),
+        (
+            vec![
+                "request",
+                "open",
+                "--subscription",
+                &id,
+                "--kind",
+                "refund",
+                "--reason",
+                "x",
+            ],
+            "only request kind is cancel",
+        ),
+        (
+            vec!["request", "resolve", &rid, "--cancel", "now"],
+            "only open requests",
+        ),
         (vec!["request", "show", "999"], "request 999 not found"),
-        (vec!["invoice", "mark-paid", "INV-2027-000001", "--reference", "X-1"], "already paid"),
-        (vec!["invoice", "mark-paid", "INV-1999-000001", "--reference", "X-1"], "not found"),
-        (vec!["subscription", "renew", &id, "--accept-terms", "2026-04"], "already renewed"),
-        (vec!["subscription", "renew", &cancelled, "--accept-terms", "2026-04"], "cancelled"),
-        (vec!["subscription", "purchase", "--customer", &customer, "--accept-terms", "2026-04", "--bank-transfer",
-              "--contact-name", "K", "--contact-phone", "call me", "--contact-email", "ap@example.co.jp"], "invalid phone number"),
-        (vec!["subscription", "purchase", "--customer", &customer, "--accept-terms", "2026-04", "--bank-transfer",
-              "--contact-name", "K", "--contact-phone", "+81 3-1234-5678", "--contact-email", "nope"], "--contact-email"),
-        (vec!["subscription", "purchase", "--customer", &customer, "--accept-terms", "2026-04", "--bank-transfer"], "--contact-name"),
-        (vec!["subscription", "auto-renew", &cancelled, "on"], "cancelled"),
+        (
+            vec![
+                "invoice",
+                "mark-paid",
+                "INV-2027-000001",
+                "--reference",
+                "X-1",
+            ],
+            "already paid",
+        ),
+        (
+            vec![
+                "invoice",
+                "mark-paid",
+                "INV-1999-000001",
+                "--reference",
+                "X-1",
+            ],
+            "not found",
+        ),
+        (
+            vec!["subscription", "renew", &id, "--accept-terms", "2026-04"],
+            "already renewed",
+        ),
+        (
+            vec![
+                "subscription",
+                "renew",
+                &cancelled,
+                "--accept-terms",
+                "2026-04",
+            ],
+            "cancelled",
+        ),
+        (
+            vec![
+                "subscription",
+                "purchase",
+                "--customer",
+                &customer,
+                "--accept-terms",
+                "2026-04",
+                "--bank-transfer",
+                "--contact-name",
+                "K",
+                "--contact-phone",
+                "call me",
+                "--contact-email",
+                "ap@example.co.jp",
+            ],
+            "invalid phone number",
+        ),
+        (
+            vec![
+                "subscription",
+                "purchase",
+                "--customer",
+                &customer,
+                "--accept-terms",
+                "2026-04",
+                "--bank-transfer",
+                "--contact-name",
+                "K",
+                "--contact-phone",
+                "+81 3-1234-5678",
+                "--contact-email",
+                "nope",
+            ],
+            "--contact-email",
+        ),
+        (
+            vec![
+                "subscription",
+                "purchase",
+                "--customer",
+                &customer,
+                "--accept-terms",
+                "2026-04",
+                "--bank-transfer",
+            ],
+            "--contact-name",
+        ),
+        (
+            vec!["subscription", "auto-renew", &cancelled, "on"],
+            "cancelled",
+        ),
     ];
     for (args, needle) in cases {
         let before = env.snapshot();
         let out = env.cmd("2027-06-01T00:00:00Z", &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert_eq!(err.lines().count(), 1, "{args:?} printed more than one line: {err}");
-        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err:?}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{args:?} printed more than one line: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err:?}"
+        );
         assert_eq!(env.snapshot(), before, "{args:?} changed the database");
     }
 }

@@ -29,9 +29,15 @@ fn env_vars(dir: &std::path::Path) -> Vec<(String, String)> {
     let d = dir.display();
     vec![
         ("RENEWD__STATE_DIR".into(), d.to_string()),
-        ("RENEWD__DATABASE__URL".into(), format!("sqlite://{d}/renewd.db")),
+        (
+            "RENEWD__DATABASE__URL".into(),
+            format!("sqlite://{d}/renewd.db"),
+        ),
         ("RENEWD__GATEWAY__SANDBOX__LATENCY_MS".into(), "15".into()),
-        ("RENEWD__GATEWAY__SANDBOX__TIMEOUT_AFTER_CHARGE_EVERY".into(), "13".into()),
+        (
+            "RENEWD__GATEWAY__SANDBOX__TIMEOUT_AFTER_CHARGE_EVERY".into(),
+            "13".into(),
+        ),
         ("RENEWD__RENEWAL__BATCH_SIZE".into(), "40".into()),
         ("RENEWD__RENEWAL__CONCURRENCY".into(), "4".into()),
         ("RENEWD__LOG__LEVEL".into(), "warn".into()),
@@ -45,9 +51,13 @@ async fn seed(dir: &std::path::Path, at: Timestamp) {
         .collect();
     let config = Arc::new(Config::load_with_env(None, vars).unwrap());
     let clock = Arc::new(MockClock::new(at));
-    let store = SqliteStore::open(&config.raw.database.url, 4).await.unwrap();
+    let store = SqliteStore::open(&config.raw.database.url, 4)
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
-    let sandbox = SandboxGateway::open(&config.sandbox_ledger(), clock.clone(), Duration::ZERO).await.unwrap();
+    let sandbox = SandboxGateway::open(&config.sandbox_ledger(), clock.clone(), Duration::ZERO)
+        .await
+        .unwrap();
     let engine = Engine {
         store: Arc::new(store),
         gateway: Arc::new(sandbox),
@@ -113,7 +123,9 @@ async fn sigkill_at_random_moments_never_double_charges_nor_loses_a_renewal() {
     for i in 0..KILLS {
         // Each run a little later on the test clock, so the leases of earlier
         // victims expire and their half-done work is recovered under fire.
-        let now = due.checked_add(SignedDuration::from_mins(6 * i as i64)).unwrap();
+        let now = due
+            .checked_add(SignedDuration::from_mins(6 * i as i64))
+            .unwrap();
         let mut child = sweep_cmd(dir.path(), now).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(30 + rng.next() % 250));
         if child.try_wait().unwrap().is_none() {
@@ -122,7 +134,10 @@ async fn sigkill_at_random_moments_never_double_charges_nor_loses_a_renewal() {
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
     }
-    assert!(killed_mid_work >= KILLS / 2, "most kills must land mid-sweep ({killed_mid_work} of {KILLS})");
+    assert!(
+        killed_mid_work >= KILLS / 2,
+        "most kills must land mid-sweep ({killed_mid_work} of {KILLS})"
+    );
 
     // The last sweep, long after every lease expired, runs to the end.
     let end = due.checked_add(SignedDuration::from_hours(6)).unwrap();
@@ -137,33 +152,70 @@ async fn sigkill_at_random_moments_never_double_charges_nor_loses_a_renewal() {
         .charges()
         .await
         .unwrap();
-    let store = SqliteStore::open(&format!("sqlite://{}/renewd.db", dir.path().display()), 2).await.unwrap();
+    let store = SqliteStore::open(&format!("sqlite://{}/renewd.db", dir.path().display()), 2)
+        .await
+        .unwrap();
     let mut renewal_charges: BTreeMap<i64, usize> = BTreeMap::new();
-    for c in ledger.iter().filter(|c| c.outcome == "succeeded" && c.idempotency_key.starts_with("renew:")) {
-        let sub: i64 = c.idempotency_key.split(':').nth(1).unwrap().parse().unwrap();
+    for c in ledger
+        .iter()
+        .filter(|c| c.outcome == "succeeded" && c.idempotency_key.starts_with("renew:"))
+    {
+        let sub: i64 = c
+            .idempotency_key
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         *renewal_charges.entry(sub).or_default() += 1;
     }
-    assert_eq!(renewal_charges.len(), SUBSCRIPTIONS, "every due period was charged (none lost)");
-    assert!(renewal_charges.values().all(|&n| n == 1), "no period charged twice: {renewal_charges:?}");
+    assert_eq!(
+        renewal_charges.len(),
+        SUBSCRIPTIONS,
+        "every due period was charged (none lost)"
+    );
+    assert!(
+        renewal_charges.values().all(|&n| n == 1),
+        "no period charged twice: {renewal_charges:?}"
+    );
 
     let invoices = store.list_invoices(None).await.unwrap();
-    let succeeded: BTreeSet<String> = ledger.iter().filter(|c| c.outcome == "succeeded").map(|c| c.id.clone()).collect();
+    let succeeded: BTreeSet<String> = ledger
+        .iter()
+        .filter(|c| c.outcome == "succeeded")
+        .map(|c| c.id.clone())
+        .collect();
     let paid_refs: Vec<String> = invoices
         .iter()
         .filter(|i| i.status == "paid")
         .filter_map(|i| i.payment_reference.clone())
         .collect();
-    assert_eq!(paid_refs.len(), succeeded.len(), "one paid invoice per successful charge");
-    assert_eq!(paid_refs.iter().cloned().collect::<BTreeSet<_>>(), succeeded, "and each pays its own charge");
+    assert_eq!(
+        paid_refs.len(),
+        succeeded.len(),
+        "one paid invoice per successful charge"
+    );
+    assert_eq!(
+        paid_refs.iter().cloned().collect::<BTreeSet<_>>(),
+        succeeded,
+        "and each pays its own charge"
+    );
 
     let mut by_series: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for i in &invoices {
         let (series, seq) = i.number.rsplit_once('-').unwrap();
-        by_series.entry(series.to_string()).or_default().push(seq.parse().unwrap());
+        by_series
+            .entry(series.to_string())
+            .or_default()
+            .push(seq.parse().unwrap());
     }
     for (series, mut seqs) in by_series {
         seqs.sort();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{series} numbers are gap-free");
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "{series} numbers are gap-free"
+        );
     }
     let events = store.events(None).await.unwrap();
     assert!(

@@ -13,14 +13,23 @@ async fn re_enabling_auto_renew_is_refused_until_a_manual_renewal_and_allowed_ri
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
     app.engine.set_auto_renew(sub.id, false).await.unwrap();
-    assert!(matches!(app.engine.set_auto_renew(sub.id, true).await, Err(EngineError::Refused(_))));
+    assert!(matches!(
+        app.engine.set_auto_renew(sub.id, true).await,
+        Err(EngineError::Refused(_))
+    ));
 
     app.set("2028-03-20T00:00:00Z");
     let renewed = app.renew_by_card(sub.id, "pm_card_visa").await.unwrap();
     assert!(renewed.problem.is_none());
-    assert!(renewed.subscription.auto_renew.on, "a manual renewal turns auto-renewal back on");
+    assert!(
+        renewed.subscription.auto_renew.on,
+        "a manual renewal turns auto-renewal back on"
+    );
     assert!(renewed.subscription.auto_renew.can_enable);
-    app.engine.set_auto_renew(sub.id, true).await.expect("`on` is allowed right after the renewal");
+    app.engine
+        .set_auto_renew(sub.id, true)
+        .await
+        .expect("`on` is allowed right after the renewal");
 }
 
 #[tokio::test]
@@ -50,16 +59,38 @@ async fn reminders_reach_an_auto_renew_off_subscription_and_stop_once_it_is_rene
     let sub = app.purchase(c, "pm_card_visa").await;
     app.engine.set_auto_renew(sub.id, false).await.unwrap();
     app.run_until("2028-03-10T00:00:00Z", days(1)).await;
-    assert_eq!(app.mails_of(sub.id, MailKind::RenewalReminder).await.len(), 1, "the 30-day reminder");
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::RenewalReminder).await.len(),
+        1,
+        "the 30-day reminder"
+    );
 
     let r = app.renew_by_card(sub.id, "pm_card_visa").await.unwrap();
     let renewed = r.subscription;
-    assert_eq!(renewed.current_period_start, Some(t("2028-04-01T00:00:00Z")), "extends from the old period end");
-    assert_eq!(renewed.current_period_end, Some(t("2029-04-01T00:00:00Z")), "keeps the anniversary");
-    assert_eq!(app.mails_of(sub.id, MailKind::OrderConfirmation).await.len(), 2, "purchase and manual renewal");
+    assert_eq!(
+        renewed.current_period_start,
+        Some(t("2028-04-01T00:00:00Z")),
+        "extends from the old period end"
+    );
+    assert_eq!(
+        renewed.current_period_end,
+        Some(t("2029-04-01T00:00:00Z")),
+        "keeps the anniversary"
+    );
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::OrderConfirmation)
+            .await
+            .len(),
+        2,
+        "purchase and manual renewal"
+    );
 
     app.run_until("2028-04-10T00:00:00Z", days(1)).await;
-    assert_eq!(app.mails_of(sub.id, MailKind::RenewalReminder).await.len(), 1, "no 7-day or 1-day reminder after renewing");
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::RenewalReminder).await.len(),
+        1,
+        "no 7-day or 1-day reminder after renewing"
+    );
     assert_eq!(app.sub(sub.id).await.status, Status::Active);
     assert_eq!(app.succeeded_charges().await.len(), 2);
 }
@@ -71,9 +102,16 @@ async fn renewing_twice_for_the_same_period_is_refused() {
     app.set("2028-03-20T00:00:00Z");
     app.renew_by_card(sub.id, "pm_card_visa").await.unwrap();
     let again = app.renew_by_card(sub.id, "pm_card_visa").await;
-    assert!(matches!(again, Err(EngineError::Refused(ref m)) if m.contains("already renewed")), "{again:?}");
+    assert!(
+        matches!(again, Err(EngineError::Refused(ref m)) if m.contains("already renewed")),
+        "{again:?}"
+    );
     app.run_until("2028-04-05T00:00:00Z", days(1)).await;
-    assert_eq!(app.succeeded_charges().await.len(), 2, "the anniversary does not charge the prepaid period");
+    assert_eq!(
+        app.succeeded_charges().await.len(),
+        2,
+        "the anniversary does not charge the prepaid period"
+    );
 }
 
 #[tokio::test]
@@ -98,16 +136,35 @@ async fn a_manual_renewal_after_expiry_starts_a_new_anchor_at_the_renewal_instan
 
 #[tokio::test]
 async fn a_manual_renewal_racing_the_automatic_one_charges_once() {
-    let app = TestApp::spawn_with("2027-04-01T00:00:00Z", &[("RENEWD__GATEWAY__SANDBOX__LATENCY_MS", "50")], |g| g).await;
+    let app = TestApp::spawn_with(
+        "2027-04-01T00:00:00Z",
+        &[("RENEWD__GATEWAY__SANDBOX__LATENCY_MS", "50")],
+        |g| g,
+    )
+    .await;
     let sub = app.tokyo_subscription().await;
     app.set("2028-04-01T00:00:00Z");
-    let (swept, manual) = tokio::join!(app.engine.sweep(), app.renew_by_card(sub.id, "pm_card_visa"));
+    let (swept, manual) = tokio::join!(
+        app.engine.sweep(),
+        app.renew_by_card(sub.id, "pm_card_visa")
+    );
     let swept = swept.unwrap();
-    let renewals: Vec<_> = app.charges().await.into_iter().filter(|c| !c.idempotency_key.starts_with("purchase:")).collect();
+    let renewals: Vec<_> = app
+        .charges()
+        .await
+        .into_iter()
+        .filter(|c| !c.idempotency_key.starts_with("purchase:"))
+        .collect();
     assert_eq!(renewals.len(), 1, "one charge for the period: {renewals:?}");
     assert_eq!(app.invoices(sub.id).await.len(), 2);
-    let manual_won = manual.as_ref().map(|r| r.problem.is_none()).unwrap_or(false);
-    assert!(manual_won ^ (swept.renewed == 1), "exactly one of them renewed: sweep {swept:?}, manual {manual:?}");
+    let manual_won = manual
+        .as_ref()
+        .map(|r| r.problem.is_none())
+        .unwrap_or(false);
+    assert!(
+        manual_won ^ (swept.renewed == 1),
+        "exactly one of them renewed: sweep {swept:?}, manual {manual:?}"
+    );
     assert_eq!(app.sub(sub.id).await.term, 2);
     // Whatever the order, a later sweep changes nothing.
     app.set("2028-04-02T00:00:00Z");
@@ -121,11 +178,28 @@ async fn a_manual_renewal_is_refused_while_the_automatic_one_holds_the_period() 
     let sub = app.tokyo_subscription().await;
     app.set("2028-04-01T00:00:00Z");
     let store = app.engine.store.clone();
-    store.open_due_renewals(app.now(), jiff::SignedDuration::ZERO).await.unwrap();
-    let claim = renewd::store::Claim { token: "worker".into(), owner: "w:1".into(), expires_at: t("2028-04-01T00:05:00Z") };
-    assert_eq!(store.claim_renewals(app.now(), &claim, 10).await.unwrap().len(), 1);
+    store
+        .open_due_renewals(app.now(), jiff::SignedDuration::ZERO)
+        .await
+        .unwrap();
+    let claim = renewd::store::Claim {
+        token: "worker".into(),
+        owner: "w:1".into(),
+        expires_at: t("2028-04-01T00:05:00Z"),
+    };
+    assert_eq!(
+        store
+            .claim_renewals(app.now(), &claim, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     let r = app.renew_by_card(sub.id, "pm_card_visa").await;
-    assert!(matches!(r, Err(EngineError::Refused(ref m)) if m.contains("being processed")), "{r:?}");
+    assert!(
+        matches!(r, Err(EngineError::Refused(ref m)) if m.contains("being processed")),
+        "{r:?}"
+    );
     assert_eq!(app.charges().await.len(), 1);
 }
 
@@ -138,32 +212,51 @@ async fn a_bank_transfer_purchase_left_unpaid_never_activates() {
     let inv = r.invoice.unwrap();
     assert_eq!(sub.status, Status::PendingPayment);
     assert_eq!(inv.status, "open");
-    assert_eq!(inv.due_at, Some(t("2027-05-01T00:00:00Z")), "due 30 days later");
+    assert_eq!(
+        inv.due_at,
+        Some(t("2027-05-01T00:00:00Z")),
+        "due 30 days later"
+    );
     let issued = app.mails_of(sub.id, MailKind::InvoiceIssued).await;
     assert_eq!(issued.len(), 1);
-    assert_eq!(issued[0].recipient, "ap@example.co.jp", "mailed to the transfer contact");
+    assert_eq!(
+        issued[0].recipient, "ap@example.co.jp",
+        "mailed to the transfer contact"
+    );
 
     app.run_until("2027-05-10T00:00:00Z", days(1)).await;
     assert_eq!(app.sub(sub.id).await.status, Status::Expired);
     assert_eq!(app.invoices(sub.id).await[0].status, "void");
     let late = app.engine.mark_paid(&inv.number, "LATE-1").await;
-    assert!(matches!(late, Err(EngineError::Refused(_))), "a void invoice cannot be paid");
+    assert!(
+        matches!(late, Err(EngineError::Refused(_))),
+        "a void invoice cannot be paid"
+    );
     assert!(app.charges().await.is_empty());
 }
 
 #[tokio::test]
-async fn a_paid_bank_transfer_purchase_activates_at_the_purchase_date_and_renews_by_invoice_a_year_later() {
+async fn a_paid_bank_transfer_purchase_activates_at_the_purchase_date_and_renews_by_invoice_a_year_later(
+) {
     let app = TestApp::spawn("2027-04-01T03:00:00Z").await;
     let c = app.customer("Asia/Tokyo", "ja", "JP", "JPY").await;
     let r = app.transfer_purchase(c).await;
     let sub = r.subscription;
     app.set("2027-04-10T00:00:00Z");
-    let paid = app.engine.mark_paid(&r.invoice.unwrap().number, "MIZUHO-7781").await.unwrap();
+    let paid = app
+        .engine
+        .mark_paid(&r.invoice.unwrap().number, "MIZUHO-7781")
+        .await
+        .unwrap();
     assert_eq!(paid.status, "paid");
     assert_eq!(paid.payment_reference.as_deref(), Some("MIZUHO-7781"));
     let active = app.sub(sub.id).await;
     assert_eq!(active.status, Status::Active);
-    assert_eq!(active.anchor_date.unwrap().to_string(), "2027-04-01", "anchored at the purchase date");
+    assert_eq!(
+        active.anchor_date.unwrap().to_string(),
+        "2027-04-01",
+        "anchored at the purchase date"
+    );
     assert_eq!(active.current_period_end, Some(t("2028-03-31T15:00:00Z")));
 
     // 30 days before the anniversary the renewal invoice goes to the contact.
@@ -176,9 +269,16 @@ async fn a_paid_bank_transfer_purchase_activates_at_the_purchase_date_and_renews
     assert_eq!(renewal.due_at, Some(t("2028-03-31T15:00:00Z")));
     assert_eq!(app.mails_of(sub.id, MailKind::InvoiceIssued).await.len(), 2);
 
-    app.engine.mark_paid(&renewal.number, "MIZUHO-9001").await.unwrap();
+    app.engine
+        .mark_paid(&renewal.number, "MIZUHO-9001")
+        .await
+        .unwrap();
     let renewed = app.sub(sub.id).await;
-    assert_eq!(renewed.current_period_start, Some(t("2028-03-31T15:00:00Z")), "from the old period end");
+    assert_eq!(
+        renewed.current_period_start,
+        Some(t("2028-03-31T15:00:00Z")),
+        "from the old period end"
+    );
     assert_eq!(renewed.current_period_end, Some(t("2029-03-31T15:00:00Z")));
     let again = app.engine.mark_paid(&renewal.number, "MIZUHO-9001").await;
     assert!(matches!(again, Err(EngineError::Refused(ref m)) if m.contains("already paid")));
@@ -190,7 +290,10 @@ async fn an_unpaid_bank_transfer_renewal_is_past_due_then_expires_after_the_grac
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let c = app.customer("UTC", "en", "US", "USD").await;
     let r = app.transfer_purchase(c).await;
-    app.engine.mark_paid(&r.invoice.unwrap().number, "REF-1").await.unwrap();
+    app.engine
+        .mark_paid(&r.invoice.unwrap().number, "REF-1")
+        .await
+        .unwrap();
     let id = r.subscription.id;
     app.run_until("2028-04-01T00:00:00Z", days(1)).await;
     assert_eq!(app.sub(id).await.status, Status::PastDue);
@@ -207,7 +310,10 @@ async fn an_unpaid_bank_transfer_renewal_is_past_due_then_expires_after_the_grac
 async fn a_new_card_is_used_by_the_next_renewal() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
-    app.engine.set_payment_method(sub.id, "pm_card_mastercard", Some("2031-01")).await.unwrap();
+    app.engine
+        .set_payment_method(sub.id, "pm_card_mastercard", Some("2031-01"))
+        .await
+        .unwrap();
     app.set("2028-04-01T00:00:00Z");
     app.sweep().await;
     let last = app.charges().await.pop().unwrap();
@@ -219,13 +325,23 @@ async fn a_new_card_is_used_by_the_next_renewal() {
 async fn updating_the_card_while_past_due_retries_on_the_next_sweep() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
-    app.engine.set_payment_method(sub.id, "pm_card_chargeDeclined", None).await.unwrap();
+    app.engine
+        .set_payment_method(sub.id, "pm_card_chargeDeclined", None)
+        .await
+        .unwrap();
     app.set("2028-04-01T00:00:00Z");
     app.sweep().await;
     assert_eq!(app.sub(sub.id).await.status, Status::PastDue);
     app.set("2028-04-01T06:00:00Z");
-    app.engine.set_payment_method(sub.id, "pm_card_visa", None).await.unwrap();
-    assert_eq!(app.sweep().await.renewed, 1, "retried at once with the new card");
+    app.engine
+        .set_payment_method(sub.id, "pm_card_visa", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.sweep().await.renewed,
+        1,
+        "retried at once with the new card"
+    );
     let s = app.sub(sub.id).await;
     assert_eq!(s.status, Status::Active);
     assert_eq!(s.current_period_start, Some(t("2028-03-31T15:00:00Z")));
@@ -236,17 +352,37 @@ async fn a_cancellation_at_period_end_charges_nothing_at_the_anniversary() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
     app.set("2027-09-01T00:00:00Z");
-    let req = app.engine.open_request(sub.id, "cancel", "moving to another vendor").await.unwrap();
+    let req = app
+        .engine
+        .open_request(sub.id, "cancel", "moving to another vendor")
+        .await
+        .unwrap();
     assert_eq!(req.status, "open");
-    assert_eq!(app.engine.start_request(req.id).await.unwrap().status, "in_progress");
-    let done = app.engine.resolve_request(req.id, CancelAt::PeriodEnd).await.unwrap();
+    assert_eq!(
+        app.engine.start_request(req.id).await.unwrap().status,
+        "in_progress"
+    );
+    let done = app
+        .engine
+        .resolve_request(req.id, CancelAt::PeriodEnd)
+        .await
+        .unwrap();
     assert_eq!(done.status, "resolved");
-    assert_eq!(app.sub(sub.id).await.status, Status::Active, "serves the period it paid for");
+    assert_eq!(
+        app.sub(sub.id).await.status,
+        Status::Active,
+        "serves the period it paid for"
+    );
 
     app.run_until("2028-04-10T00:00:00Z", days(1)).await;
     assert_eq!(app.charges().await.len(), 1, "only the purchase");
     assert_eq!(app.sub(sub.id).await.status, Status::Cancelled);
-    assert!(app.mails_of(sub.id, MailKind::UpcomingRenewal).await.is_empty(), "no renewal notice for a cancelling subscription");
+    assert!(
+        app.mails_of(sub.id, MailKind::UpcomingRenewal)
+            .await
+            .is_empty(),
+        "no renewal notice for a cancelling subscription"
+    );
     assert_eq!(app.mails_of(sub.id, MailKind::Cancelled).await.len(), 1);
 }
 
@@ -256,12 +392,26 @@ async fn a_cancellation_now_stops_reminders_at_once() {
     let sub = app.tokyo_subscription().await;
     app.engine.set_auto_renew(sub.id, false).await.unwrap();
     app.run_until("2028-03-05T00:00:00Z", days(1)).await;
-    assert_eq!(app.mails_of(sub.id, MailKind::RenewalReminder).await.len(), 1);
-    let req = app.engine.open_request(sub.id, "cancel", "no longer needed").await.unwrap();
-    app.engine.resolve_request(req.id, CancelAt::Now).await.unwrap();
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::RenewalReminder).await.len(),
+        1
+    );
+    let req = app
+        .engine
+        .open_request(sub.id, "cancel", "no longer needed")
+        .await
+        .unwrap();
+    app.engine
+        .resolve_request(req.id, CancelAt::Now)
+        .await
+        .unwrap();
     assert_eq!(app.sub(sub.id).await.status, Status::Cancelled);
     app.run_until("2028-05-01T00:00:00Z", days(1)).await;
-    assert_eq!(app.mails_of(sub.id, MailKind::RenewalReminder).await.len(), 1, "no reminder after cancellation");
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::RenewalReminder).await.len(),
+        1,
+        "no reminder after cancellation"
+    );
     assert_eq!(app.mails_of(sub.id, MailKind::Cancelled).await.len(), 1);
     assert_eq!(app.charges().await.len(), 1);
     let again = app.engine.open_request(sub.id, "cancel", "again").await;
@@ -272,12 +422,23 @@ async fn a_cancellation_now_stops_reminders_at_once() {
 async fn a_rejected_request_leaves_the_subscription_alone() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
-    let req = app.engine.open_request(sub.id, "cancel", "too expensive").await.unwrap();
-    let r = app.engine.reject_request(req.id, "contract requires 30 days notice").await.unwrap();
+    let req = app
+        .engine
+        .open_request(sub.id, "cancel", "too expensive")
+        .await
+        .unwrap();
+    let r = app
+        .engine
+        .reject_request(req.id, "contract requires 30 days notice")
+        .await
+        .unwrap();
     assert_eq!(r.status, "rejected");
     assert!(r.resolved_at.is_some());
     assert_eq!(app.sub(sub.id).await.status, Status::Active);
-    assert!(matches!(app.engine.resolve_request(req.id, CancelAt::Now).await, Err(EngineError::Refused(_))));
+    assert!(matches!(
+        app.engine.resolve_request(req.id, CancelAt::Now).await,
+        Err(EngineError::Refused(_))
+    ));
 }
 
 #[tokio::test]
@@ -289,11 +450,22 @@ async fn terms_acceptance_is_recorded_and_automatic_renewals_point_to_it() {
     let events = app.events_of(sub.id).await;
     let accepted = events.iter().find(|e| e.kind == "terms.accepted").unwrap();
     assert_eq!(accepted.outcome.as_deref(), Some("2026-04"));
-    let renewed = events.iter().find(|e| e.kind == "renewal.succeeded").unwrap();
-    assert!(renewed.detail["terms_acceptance_id"].as_i64().is_some(), "{:?}", renewed.detail);
+    let renewed = events
+        .iter()
+        .find(|e| e.kind == "renewal.succeeded")
+        .unwrap();
+    assert!(
+        renewed.detail["terms_acceptance_id"].as_i64().is_some(),
+        "{:?}",
+        renewed.detail
+    );
     let outdated = app
         .engine
-        .renew(renewd::engine::RenewInput { subscription_id: sub.id, accept_terms: Some("2025-01".into()), ..Default::default() })
+        .renew(renewd::engine::RenewInput {
+            subscription_id: sub.id,
+            accept_terms: Some("2025-01".into()),
+            ..Default::default()
+        })
         .await;
     assert!(matches!(outdated, Err(EngineError::Refused(ref m)) if m.contains("2026-04")));
 }
@@ -303,34 +475,62 @@ async fn terms_acceptance_is_recorded_and_automatic_renewals_point_to_it() {
 /// text shown on its page.
 fn parse_pdf(bytes: &[u8]) -> String {
     fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-        hay[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+        hay[from..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
     }
     assert!(bytes.starts_with(b"%PDF-1."), "PDF header");
     let tail = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(64)..]).to_string();
     assert!(tail.trim_end().ends_with("%%EOF"), "trailer end: {tail}");
     let sx = bytes.windows(9).rposition(|w| w == b"startxref").unwrap();
-    let off: usize = String::from_utf8_lossy(&bytes[sx + 9..]).split_whitespace().next().unwrap().parse().unwrap();
-    assert!(bytes[off..].starts_with(b"xref"), "startxref points at the xref table");
+    let off: usize = String::from_utf8_lossy(&bytes[sx + 9..])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        bytes[off..].starts_with(b"xref"),
+        "startxref points at the xref table"
+    );
     let table = String::from_utf8_lossy(&bytes[off..]).to_string();
     let mut lines = table.lines().skip(1);
-    let count: usize = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let count: usize = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     for (i, line) in lines.take(count).enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields[2] == "n" {
             let at: usize = fields[0].parse().unwrap();
-            assert!(bytes[at..].starts_with(format!("{i} 0 obj").as_bytes()), "object {i} at offset {at}");
+            assert!(
+                bytes[at..].starts_with(format!("{i} 0 obj").as_bytes()),
+                "object {i} at offset {at}"
+            );
         }
     }
-    assert!(find(bytes, b"/Root", off).is_some(), "trailer names the catalog");
+    assert!(
+        find(bytes, b"/Root", off).is_some(),
+        "trailer names the catalog"
+    );
     // Text shown with Tj: literal (...) or hex <...> strings, WinAnsi-decoded.
     let content = String::from_utf8_lossy(bytes).to_string();
     let mut text = String::new();
     for line in content.split(" Tj") {
-        let Some(start) = line.rfind(['(', '<']) else { continue };
+        let Some(start) = line.rfind(['(', '<']) else {
+            continue;
+        };
         let raw = &line[start + 1..];
         let decoded: Vec<u8> = if line[start..].starts_with('<') {
             let hex = raw.trim_end_matches('>');
-            (0..hex.len() / 2).filter_map(|k| u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).ok()).collect()
+            (0..hex.len() / 2)
+                .filter_map(|k| u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).ok())
+                .collect()
         } else {
             raw.trim_end_matches(')').bytes().collect()
         };
@@ -353,12 +553,19 @@ async fn the_invoice_pdf_parses_and_shows_the_number_total_and_tax() {
     let pdf = renewd::invoice::render_pdf(&inv).unwrap();
     let text = parse_pdf(&pdf);
     assert!(text.contains("Invoice INV-2027-000001"), "{text}");
-    assert!(text.contains("¥58,300"), "JPY total without decimals: {text}");
+    assert!(
+        text.contains("¥58,300"),
+        "JPY total without decimals: {text}"
+    );
     assert!(text.contains("Tax 10% on ¥53,000"), "{text}");
     assert!(text.contains("visa") && text.contains("4242"), "{text}");
     assert!(text.contains("PAID"));
     let on_disk = app.dir.path().join("invoices").join("INV-2027-000001.pdf");
-    assert_eq!(std::fs::read(on_disk).unwrap(), pdf, "the daemon wrote the same document");
+    assert_eq!(
+        std::fs::read(on_disk).unwrap(),
+        pdf,
+        "the daemon wrote the same document"
+    );
 
     let c = app.customer("UTC", "en", "US", "USD").await;
     let usd = app.purchase(c, "pm_card_visa").await;

@@ -56,6 +56,22 @@ async fn a_timeout_after_the_charge_is_reconciled_with_the_same_key_and_charges_
     assert_eq!(renewals.len(), 1, "one charge, no second key");
     assert!(renewals[0].idempotency_key.ends_with(":a1"));
     assert_eq!(app.invoices(sub.id).await.len(), 2);
+    // The audit log tells the whole story, oldest first.
+    let kinds: Vec<String> = app
+        .engine
+        .store
+        .events(Some(sub.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.starts_with("charge.") || e.kind == "renewal.succeeded")
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["charge.attempt", "charge.attempt", "charge.unknown", "renewal.succeeded", "charge.reconciled"],
+        "purchase attempt, renewal attempt, its unknown outcome, then the reconciled success"
+    );
 }
 
 #[tokio::test]
@@ -97,7 +113,10 @@ async fn a_crash_between_the_charge_and_the_commit_is_recovered_after_the_lease_
     let now = app.now();
 
     // A worker claims the renewal, commits its attempt, charges, then dies.
-    store.open_due_renewals(now, jiff::SignedDuration::ZERO).await.unwrap();
+    store
+        .open_due_renewals(now, jiff::SignedDuration::ZERO)
+        .await
+        .unwrap();
     let claim = Claim {
         token: "dead-worker".into(),
         owner: "dead:1".into(),
@@ -184,7 +203,10 @@ async fn a_worker_whose_lease_was_taken_over_cannot_write() {
     app.set("2028-05-01T00:00:00Z");
     let store = app.engine.store.clone();
     let now = app.now();
-    store.open_due_renewals(now, jiff::SignedDuration::ZERO).await.unwrap();
+    store
+        .open_due_renewals(now, jiff::SignedDuration::ZERO)
+        .await
+        .unwrap();
     let old = Claim {
         token: "old".into(),
         owner: "a:1".into(),
@@ -226,7 +248,11 @@ async fn a_subscription_cancelled_or_switched_off_after_the_claim_is_not_charged
     let app = TestApp::spawn("2027-05-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
     app.set("2028-05-01T00:00:00Z");
-    app.engine.store.open_due_renewals(app.now(), jiff::SignedDuration::ZERO).await.unwrap();
+    app.engine
+        .store
+        .open_due_renewals(app.now(), jiff::SignedDuration::ZERO)
+        .await
+        .unwrap();
     // Auto-renewal turned off after the renewal row was opened.
     app.engine.set_auto_renew(sub.id, false).await.unwrap();
     let s = app.sweep().await;

@@ -156,7 +156,11 @@ impl TestApp {
             .expect("transfer purchase")
     }
 
-    pub async fn renew_by_card(&self, id: i64, card: &str) -> Result<renewd::engine::FlowResult, renewd::engine::EngineError> {
+    pub async fn renew_by_card(
+        &self,
+        id: i64,
+        card: &str,
+    ) -> Result<renewd::engine::FlowResult, renewd::engine::EngineError> {
         self.engine
             .renew(renewd::engine::RenewInput {
                 subscription_id: id,

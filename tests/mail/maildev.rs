@@ -108,10 +108,7 @@ impl MailDev {
                 }
             }
             if Instant::now() > deadline {
-                panic!(
-                    "MailDev did not become ready within 30s:\n{}",
-                    self.log()
-                );
+                panic!("MailDev did not become ready within 30s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -147,7 +144,8 @@ impl MailDev {
         }
         // Wait until the port is really closed.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.smtp_port)).is_ok() && Instant::now() < deadline {
+        while TcpStream::connect(("127.0.0.1", self.smtp_port)).is_ok() && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -163,7 +161,10 @@ impl Drop for MailDev {
 pub fn http_get(port: u16, path: &str) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw

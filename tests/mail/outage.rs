@@ -5,16 +5,20 @@
 
 use crate::maildev::{free_port, MailDev};
 use crate::support::{days, MailApp};
-use renewd::mail::MailKind;
 use jiff::SignedDuration;
+use renewd::mail::MailKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_queued_while_the_relay_is_down_is_delivered_exactly_once_when_it_is_back() {
     let port = free_port();
     // The relay is up for the first customer.
-    let Some(mut first) = MailDev::start_on(port) else { return };
+    let Some(mut first) = MailDev::start_on(port) else {
+        return;
+    };
     let app = MailApp::spawn("2027-03-01T03:00:00Z", port).await;
-    let a = app.customer("Ann Early", "ann@example.com", "UTC", "en", "USD").await;
+    let a = app
+        .customer("Ann Early", "ann@example.com", "UTC", "en", "USD")
+        .await;
     app.purchase(a, "pm_card_visa", None).await;
     assert_eq!(app.deliver().await.sent, 1);
     let before = first.emails();
@@ -59,7 +63,12 @@ async fn mail_queued_while_the_relay_is_down_is_delivered_exactly_once_when_it_i
     let mut ids: Vec<String> = before
         .iter()
         .chain(after.iter())
-        .map(|e| e["headers"]["message-id"].as_str().unwrap_or("").to_string())
+        .map(|e| {
+            e["headers"]["message-id"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
     ids.sort();
     let mut expected: Vec<String> = app
@@ -87,7 +96,9 @@ async fn mail_still_undeliverable_after_the_last_attempt_fails_and_can_be_retrie
         &[("RENEWD__MAIL__MAX_ATTEMPTS", "3")],
     )
     .await;
-    let c = app.customer("Eve Late", "eve@example.com", "UTC", "en", "USD").await;
+    let c = app
+        .customer("Eve Late", "eve@example.com", "UTC", "en", "USD")
+        .await;
     app.purchase(c, "pm_card_visa", None).await;
     // Nothing listens on the port: three attempts, then failed.
     for _ in 0..3 {
@@ -96,10 +107,16 @@ async fn mail_still_undeliverable_after_the_last_attempt_fails_and_can_be_retrie
     }
     let m = app.mails().await.remove(0);
     assert_eq!((m.status.as_str(), m.attempts), ("failed", 3));
-    assert_eq!(app.deliver().await, Default::default(), "failed mail is not retried by itself");
+    assert_eq!(
+        app.deliver().await,
+        Default::default(),
+        "failed mail is not retried by itself"
+    );
 
     // An operator fixes the relay and queues the message again.
-    let Some(server) = MailDev::start_on(port) else { return };
+    let Some(server) = MailDev::start_on(port) else {
+        return;
+    };
     let requeued = app
         .engine
         .store
@@ -110,6 +127,11 @@ async fn mail_still_undeliverable_after_the_last_attempt_fails_and_can_be_retrie
     assert_eq!(app.deliver().await.sent, 1);
     assert_eq!(server.emails().len(), 1);
     // Only failed mail can be retried.
-    let err = app.engine.store.requeue_mail(m.id, app.now()).await.unwrap_err();
+    let err = app
+        .engine
+        .store
+        .requeue_mail(m.id, app.now())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("only failed mail"), "{err}");
 }

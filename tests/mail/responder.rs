@@ -52,6 +52,15 @@ impl Responder {
             .insert(address.to_ascii_lowercase(), reply.to_string());
     }
 
+    /// Accepts `address` again.
+    pub fn accept(&self, address: &str) {
+        self.shared
+            .rules
+            .lock()
+            .unwrap()
+            .remove(&address.to_ascii_lowercase());
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.shared.received.lock().unwrap().clone()
     }

@@ -105,7 +105,14 @@ impl MailApp {
         }
     }
 
-    pub async fn customer(&self, name: &str, email: &str, tz: &str, locale: &str, currency: &str) -> i64 {
+    pub async fn customer(
+        &self,
+        name: &str,
+        email: &str,
+        tz: &str,
+        locale: &str,
+        currency: &str,
+    ) -> i64 {
         let country = if currency == "JPY" { "JP" } else { "US" };
         self.engine
             .add_customer(NewCustomerInput {
@@ -143,12 +150,16 @@ impl MailApp {
             .expect("mail")
     }
 
-    pub async fn mail(&self, id: i64) -> Mail {
-        self.mails()
+    /// The one outbox row addressed to `recipient`.
+    pub async fn mail_to(&self, recipient: &str) -> Mail {
+        let mut rows: Vec<Mail> = self
+            .mails()
             .await
             .into_iter()
-            .find(|m| m.id == id)
-            .expect("mail row")
+            .filter(|m| m.recipient == recipient)
+            .collect();
+        assert_eq!(rows.len(), 1, "mail to {recipient}");
+        rows.remove(0)
     }
 
     pub async fn mails_of(&self, kind: MailKind) -> Vec<Mail> {

@@ -39,7 +39,10 @@ fn healthz_readyz_and_metrics_answer_on_the_configured_loopback_address() {
         "renewd_store_up 1",
         "# TYPE renewd_sweep_duration_seconds histogram",
     ] {
-        assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
     }
     assert_eq!(http_get(port, "/nope").0, 404);
 

@@ -63,9 +63,16 @@ impl Env {
         self.path().join("renewd.db")
     }
 
-    /// The binary with this env's config and a clean environment: nothing
-    /// from the test runner's `RENEWD__*`, systemd or logging variables.
+    /// The binary with this env's config and a clean environment.
     pub fn command(&self) -> Command {
+        let mut cmd = self.bare_command();
+        cmd.arg("--config").arg(&self.config);
+        cmd
+    }
+
+    /// The binary with no config file, run in this env's directory, with
+    /// nothing from the test runner's `RENEWD*`, systemd or logging variables.
+    pub fn bare_command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_renewd"));
         for (key, _) in std::env::vars() {
             if key.starts_with("RENEWD") {
@@ -82,7 +89,7 @@ impl Env {
         ] {
             cmd.env_remove(key);
         }
-        cmd.arg("--config").arg(&self.config).current_dir(self.path());
+        cmd.current_dir(self.path());
         cmd
     }
 
@@ -321,7 +328,10 @@ impl Daemon {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("renewd still running after {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "renewd still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

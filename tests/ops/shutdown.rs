@@ -12,7 +12,8 @@ use crate::{Env, T1};
 #[test]
 fn sigterm_during_a_sweep_finishes_the_renewals_in_flight_claims_no_more_and_exits_0() {
     // Six due renewals, claimed two at a time, each gateway call 1.5s.
-    let env = Env::new("[renewal]\nbatch_size = 2\nconcurrency = 2\n\n[shutdown]\ntimeout = \"30s\"\n");
+    let env =
+        Env::new("[renewal]\nbatch_size = 2\nconcurrency = 2\n\n[shutdown]\ntimeout = \"30s\"\n");
     let subs = env.subscriptions(6);
     let mut daemon = env.spawn(T1, &[("RENEWD__GATEWAY__SANDBOX__LATENCY_MS", "1500")]);
     daemon.wait_note("READY=1", Duration::from_secs(30));
@@ -38,7 +39,8 @@ fn sigterm_during_a_sweep_finishes_the_renewals_in_flight_claims_no_more_and_exi
 
 #[test]
 fn a_drain_longer_than_shutdown_timeout_exits_0_and_the_next_sweep_completes_the_cut_renewals() {
-    let env = Env::new("[renewal]\nbatch_size = 2\nconcurrency = 2\n\n[shutdown]\ntimeout = \"1s\"\n");
+    let env =
+        Env::new("[renewal]\nbatch_size = 2\nconcurrency = 2\n\n[shutdown]\ntimeout = \"1s\"\n");
     let subs = env.subscriptions(2);
     let mut daemon = env.spawn(T1, &[("RENEWD__GATEWAY__SANDBOX__LATENCY_MS", "20000")]);
     daemon.wait_note("READY=1", Duration::from_secs(30));

@@ -49,7 +49,11 @@ fn one_shot_commands_still_work_while_the_daemon_runs() {
 
     let out = env.cli(T1, &["subscription", "list", "--json"]);
 
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
 }
