@@ -15,15 +15,26 @@ use crate::gateway::PaymentGateway;
 use crate::mail::file::FileTransport;
 use crate::mail::smtp::SmtpTransport;
 use crate::mail::MailTransport;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 
 /// Opens the configured database, applying migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = &config.raw.database.url;
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // Several instances may share this database: each names itself
+        // (host:pid) in its leases, its connections and its log lines.
+        let shown = crate::config::redact_url(url);
+        let store = PgStore::open(url, config.raw.database.max_connections, &instance_name())
+            .await
+            .with_context(|| format!("cannot connect to database {shown}"))?;
+        store.migrate().await.context("cannot migrate database")?;
+        return Ok(Arc::new(store));
+    }
     if !url.starts_with("sqlite:") {
         anyhow::bail!(
-            "database.url {}: only sqlite:// is available in this build",
+            "database.url {}: use sqlite://PATH or postgres://USER@HOST/DB",
             crate::config::redact_url(url)
         );
     }

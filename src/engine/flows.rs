@@ -235,6 +235,11 @@ impl Engine {
                 sub.status,
                 Status::PendingPayment | Status::Active | Status::PastDue
             );
+        // An unpaid manual renewal of a subscription that renews itself hands
+        // the period back to the automatic flow (the row is unique per
+        // period, so failing it would lose the automatic renewal).
+        let hand_back =
+            r.kind == RenewalKind::Manual && sub.status == Status::Active && sub.auto_renew.on;
         let status = if expire {
             sub.status.on(SubEvent::Expire).ok()
         } else {
@@ -254,12 +259,22 @@ impl Engine {
                         paid_at: None,
                         reference: None,
                     }),
-                    renewal: Some(RenewalPatch {
-                        status: RenewalStatus::Failed,
-                        next_attempt_at: None,
-                        note: Some("transfer not received".into()),
-                        release: true,
+                    renewal: Some(if hand_back {
+                        RenewalPatch {
+                            status: RenewalStatus::Pending,
+                            next_attempt_at: Some(now),
+                            note: Some("manual transfer not received; back to automatic renewal".into()),
+                            release: true,
+                        }
+                    } else {
+                        RenewalPatch {
+                            status: RenewalStatus::Failed,
+                            next_attempt_at: None,
+                            note: Some("transfer not received".into()),
+                            release: true,
+                        }
                     }),
+                    renewal_kind: hand_back.then_some(RenewalKind::Auto),
                     subscription: status.map(|st| SubscriptionPatch {
                         id: sub.id,
                         expect_status: vec![sub.status],
@@ -866,7 +881,14 @@ impl Engine {
                     "cancels at period end ({})",
                     super::fmt_ts(sub.current_period_end)
                 ),
-                vec![],
+                {
+                    // Told now; the mail at the period end is the same outbox
+                    // row (unique per period and kind), so it is not sent twice.
+                    let mut ctx = self.mail_context(&sub, &customer);
+                    ctx["cancelled_date"] = json!(self.local_date(now, &customer));
+                    ctx["access_until_date"] = json!(sub.current_period_end.map(|e| self.local_date(e, &customer)));
+                    vec![self.cancel_mail(&sub, &customer, ctx)]
+                },
             ),
         };
         self.store

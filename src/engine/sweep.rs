@@ -191,7 +191,17 @@ impl Engine {
                     continue;
                 }
                 if sub.auto_renew.on {
-                    // Renewed (or retried) by the renewal flow, not expired here.
+                    // Auto-renewing subscriptions are renewed, retried or
+                    // expired through their renewal row. Reaching here means
+                    // the period ended with no renewal open: say so loudly.
+                    s.errors += 1;
+                    tracing::error!(
+                        subscription_id = sub.id,
+                        customer_id = sub.customer_id,
+                        period_end = %fmt_opt(sub.current_period_end),
+                        "period ended with auto-renewal on but no renewal in progress; see `renewd events --subscription {}`",
+                        sub.id
+                    );
                     continue;
                 }
                 match self.expire(sub, customer, now).await {

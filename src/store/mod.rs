@@ -8,6 +8,7 @@
 //! carries a [`Lease`], the store first checks that the lease is still
 //! held, so a worker whose claim was taken over cannot write.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

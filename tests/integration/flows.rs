@@ -572,3 +572,30 @@ async fn the_invoice_pdf_parses_and_shows_the_number_total_and_tax() {
     let text = parse_pdf(&renewd::invoice::render_pdf(&app.invoices(usd.id).await[0]).unwrap());
     assert!(text.contains("$475.00"), "USD shows two decimals: {text}");
 }
+
+#[tokio::test]
+async fn an_unpaid_manual_transfer_renewal_hands_the_period_back_to_automatic_renewal() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2027-12-01T00:00:00Z");
+    let r = app
+        .engine
+        .renew(renewd::engine::RenewInput {
+            subscription_id: sub.id,
+            accept_terms: Some("2026-04".into()),
+            bank_transfer: Some(crate::support::contact()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let manual_invoice = r.invoice.unwrap();
+    assert_eq!(manual_invoice.status, "open");
+    // Never paid: due 2027-12-31; the subscription (now paying by transfer)
+    // still renews automatically by invoice before its anniversary.
+    app.run_until("2028-03-10T00:00:00Z", days(1)).await;
+    let invoices = app.invoices(sub.id).await;
+    assert_eq!(invoices.iter().find(|i| i.number == manual_invoice.number).unwrap().status, "void");
+    let auto = invoices.last().unwrap();
+    assert_eq!(auto.status, "open", "the automatic renewal invoice was issued: {invoices:?}");
+    assert_eq!(auto.due_at, app.sub(sub.id).await.current_period_end);
+}
