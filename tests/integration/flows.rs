@@ -373,6 +373,11 @@ async fn a_cancellation_at_period_end_charges_nothing_at_the_anniversary() {
         Status::Active,
         "serves the period it paid for"
     );
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::Cancelled).await.len(),
+        1,
+        "told when the request is resolved"
+    );
 
     app.run_until("2028-04-10T00:00:00Z", days(1)).await;
     assert_eq!(app.charges().await.len(), 1, "only the purchase");
