@@ -5,16 +5,11 @@
 use jiff::Timestamp;
 use serde_json::json;
 
-use super::charge::Outcome;
 use super::{Engine, EngineError, EngineResult};
 use crate::domain::subscription::AutoRenewError;
-use crate::domain::values::{CardExpiry, CardToken, Country, EmailAddress, Locale, Name, Zone};
+use crate::domain::values::{Country, EmailAddress, Locale, Name, Zone};
 use crate::domain::{Currency, Status};
-use crate::gateway::GatewayError;
-use crate::store::{
-    Change, Customer, Invoice, Lease, NewCustomer, NewEvent, NewPurchase, PaymentMethod,
-    Subscription, SubscriptionPatch,
-};
+use crate::store::{Change, Customer, NewCustomer, NewEvent, Subscription, SubscriptionPatch};
 
 #[derive(Debug, Clone, Default)]
 pub struct NewCustomerInput {
@@ -35,13 +30,8 @@ pub struct PurchaseInput {
     pub card_expiry: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-pub struct PurchaseResult {
-    pub subscription: Subscription,
-    pub invoice: Option<Invoice>,
-    /// Set when the payment did not go through: why, for the caller to show.
-    pub problem: Option<String>,
-}
+/// What a purchase led to.
+pub type PurchaseResult = super::FlowResult;
 
 fn invalid(e: impl std::fmt::Display) -> EngineError {
     EngineError::Invalid(e.to_string())
@@ -113,84 +103,11 @@ impl Engine {
     /// Buys a subscription by card: the card is charged at once.
     pub async fn purchase(&self, input: PurchaseInput) -> EngineResult<PurchaseResult> {
         let terms = self.check_terms(input.accept_terms.as_deref())?;
-        let customer = self
-            .store
-            .customer(input.customer_id)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("customer {} not found; list customers with `renewd customer add` output or create one", input.customer_id)))?;
-        let plan = input
-            .plan
-            .unwrap_or_else(|| self.config.raw.default_plan.clone());
-        if !self.config.raw.plans.contains_key(&plan) {
-            let known: Vec<&str> = self.config.raw.plans.keys().map(String::as_str).collect();
-            return Err(EngineError::Invalid(format!(
-                "unknown plan {plan:?}; use one of {}",
-                known.join(", ")
-            )));
-        }
-        // Refuses a plan not sold in the customer's currency before any write.
-        self.price_year(&plan, &customer)?;
-        let token = CardToken::parse(&input.card).map_err(invalid)?;
-        let expiry = input
-            .card_expiry
-            .as_deref()
-            .map(CardExpiry::parse)
-            .transpose()
-            .map_err(invalid)?;
-        let details = self
-            .gateway
-            .card_details(token.as_str())
-            .await
-            .map_err(|e| match e {
-                GatewayError::Unknown(m) => {
-                    EngineError::Internal(format!("cannot reach the payment gateway: {m}"))
-                }
-                other => EngineError::Invalid(other.to_string()),
-            })?;
-        let now = self.now();
-        let claim = self.new_claim(now);
-        let (sub, renewal) = self
-            .store
-            .insert_purchase(
-                &NewPurchase {
-                    customer_id: customer.id,
-                    plan,
-                    payment: PaymentMethod::Card {
-                        token: token.as_str().to_string(),
-                        brand: details.brand,
-                        last4: details.last4,
-                        expiry: expiry.map(|e| e.to_string()),
-                    },
-                    terms_version: terms,
-                },
-                &claim,
-                now,
-            )
+        let (customer, plan) = self.customer_and_plan(input.customer_id, input.plan).await?;
+        let payment = self
+            .card_method(&input.card, input.card_expiry.as_deref())
             .await?;
-        let lease = Lease {
-            renewal_id: renewal.id,
-            token: claim.token,
-        };
-        let outcome = self.process(&lease, now).await?;
-        let subscription =
-            self.store.subscription(sub.id).await?.ok_or_else(|| {
-                EngineError::Internal(format!("subscription {} vanished", sub.id))
-            })?;
-        let (invoice, problem) = match outcome {
-            Outcome::Renewed(inv) | Outcome::Issued(inv) => (Some(*inv), None),
-            Outcome::Declined { code, .. } => (None, Some(format!(
-                "card declined ({code}); subscription {} was not started; try another card", sub.id
-            ))),
-            Outcome::Unknown => (None, Some(format!(
-                "the payment outcome is unknown; renewd will reconcile it on the next sweep and start subscription {} only if the charge went through", sub.id
-            ))),
-            Outcome::Expired { .. } | Outcome::Skipped => (None, Some(format!("subscription {} was not started", sub.id))),
-        };
-        Ok(PurchaseResult {
-            subscription,
-            invoice,
-            problem,
-        })
+        self.start_purchase(&customer, plan, payment, terms).await
     }
 
     /// Rule 3: off at any time; on only if not locked by an earlier "off".

@@ -134,6 +134,18 @@ impl Engine {
         let terms = self.check_terms(accept_terms)?;
         let payment = contact.validate()?;
         let (customer, plan) = self.customer_and_plan(customer_id, plan).await?;
+        self.start_purchase(&customer, plan, payment, terms).await
+    }
+
+    /// Records a purchase and pays its first term: a card is charged at
+    /// once; a bank transfer gets an open invoice.
+    pub(super) async fn start_purchase(
+        &self,
+        customer: &Customer,
+        plan: String,
+        payment: PaymentMethod,
+        terms_version: String,
+    ) -> EngineResult<FlowResult> {
         let now = self.now();
         let claim = self.new_claim(now);
         let (sub, renewal) = self
@@ -143,7 +155,7 @@ impl Engine {
                     customer_id: customer.id,
                     plan,
                     payment,
-                    terms_version: terms,
+                    terms_version,
                 },
                 &claim,
                 now,
