@@ -181,7 +181,10 @@ impl Engine {
             after = last.0.id;
             for (sub, customer) in &batch {
                 if sub.cancel_at_period_end {
-                    match self.cancel_at_end(sub, customer, now).await {
+                    match self
+                        .close_period(sub, customer, SubEvent::Cancel, now)
+                        .await
+                    {
                         Ok(()) => s.cancelled += 1,
                         Err(e) => {
                             s.errors += 1;
@@ -204,7 +207,10 @@ impl Engine {
                     );
                     continue;
                 }
-                match self.expire(sub, customer, now).await {
+                match self
+                    .close_period(sub, customer, SubEvent::Expire, now)
+                    .await
+                {
                     Ok(()) => s.expired += 1,
                     Err(e) => {
                         s.errors += 1;
@@ -215,53 +221,37 @@ impl Engine {
         }
     }
 
-    async fn cancel_at_end(
+    /// Ends a subscription whose period is over and that has no renewal
+    /// open: cancelled (a cancellation at period end) or expired (auto-renew
+    /// off), with its mail and audit event, in one transaction.
+    async fn close_period(
         &self,
         sub: &Subscription,
         customer: &Customer,
+        event: SubEvent,
         now: Timestamp,
     ) -> EngineResult<()> {
         let status = sub
             .status
-            .on(SubEvent::Cancel)
-            .map_err(|e| super::EngineError::Internal(e.to_string()))?;
-        let mut ctx = self.mail_context(sub, customer);
-        ctx["cancelled_date"] = json!(sub.current_period_end.map(|e| self.local_date(e, customer)));
-        self.store
-            .apply(
-                Change {
-                    subscription: Some(SubscriptionPatch {
-                        id: sub.id,
-                        expect_status: vec![sub.status],
-                        expect_period_end: Some(sub.current_period_end),
-                        status: Some(status),
-                        ..Default::default()
-                    }),
-                    mails: vec![self.cancel_mail(sub, customer, ctx)],
-                    events: vec![NewEvent {
-                        outcome: Some("cancelled_at_period_end".into()),
-                        ..NewEvent::new("subscription.cancelled", sub)
-                    }],
-                    ..Default::default()
-                },
-                now,
-            )
-            .await?;
-        tracing::info!(subscription_id = sub.id, customer_id = sub.customer_id, period_end = %fmt_opt(sub.current_period_end), outcome = "cancelled", "subscription cancelled at period end");
-        Ok(())
-    }
-
-    async fn expire(
-        &self,
-        sub: &Subscription,
-        customer: &Customer,
-        now: Timestamp,
-    ) -> EngineResult<()> {
-        let status = sub
-            .status
-            .on(SubEvent::Expire)
+            .on(event)
             .map_err(|e| super::EngineError::Internal(e.to_string()))?;
         let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
+        let mut ctx = self.mail_context(sub, customer);
+        let (mail, kind, outcome) = if event == SubEvent::Cancel {
+            ctx["cancelled_date"] =
+                json!(sub.current_period_end.map(|e| self.local_date(e, customer)));
+            (
+                self.cancel_mail(sub, customer, ctx),
+                "subscription.cancelled",
+                "cancelled_at_period_end",
+            )
+        } else {
+            (
+                self.new_mail(sub, customer, MailKind::Expired, period_key, 0, ctx),
+                "subscription.expired",
+                "period_ended",
+            )
+        };
         self.store
             .apply(
                 Change {
@@ -272,17 +262,10 @@ impl Engine {
                         status: Some(status),
                         ..Default::default()
                     }),
-                    mails: vec![self.new_mail(
-                        sub,
-                        customer,
-                        MailKind::Expired,
-                        period_key,
-                        0,
-                        self.mail_context(sub, customer),
-                    )],
+                    mails: vec![mail],
                     events: vec![NewEvent {
-                        outcome: Some("period_ended".into()),
-                        ..NewEvent::new("subscription.expired", sub)
+                        outcome: Some(outcome.into()),
+                        ..NewEvent::new(kind, sub)
                     }],
                     ..Default::default()
                 },
@@ -293,8 +276,9 @@ impl Engine {
             subscription_id = sub.id,
             customer_id = sub.customer_id,
             period_end = %fmt_opt(sub.current_period_end),
-            outcome = "expired",
-            "subscription expired: auto-renewal was off"
+            outcome = status.as_str(),
+            "subscription {} at period end",
+            status
         );
         Ok(())
     }
