@@ -114,21 +114,9 @@ pub fn resolve_password(s: &SmtpSettings) -> Result<Option<SecretString>, String
     if s.password_file.is_empty() {
         return Err("mail.smtp.username is set but no password is configured".into());
     }
-    let text = std::fs::read_to_string(&s.password_file).map_err(|e| {
-        format!(
-            "mail.smtp.password_file = {:?} cannot be read: {e}",
-            s.password_file
-        )
-    })?;
-    // A trailing newline from `echo > file` is not part of the password.
-    let password = text.trim_end_matches(['\r', '\n']).to_string();
-    if password.is_empty() {
-        return Err(format!(
-            "mail.smtp.password_file = {:?} is empty",
-            s.password_file
-        ));
-    }
-    Ok(Some(password.into()))
+    // Same rules as every secret file: a path, or the bare name of a
+    // systemd credential in $CREDENTIALS_DIRECTORY.
+    crate::config::read_secret_file("mail.smtp.password_file", &s.password_file).map(Some)
 }
 
 impl SmtpTransport {
