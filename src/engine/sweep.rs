@@ -462,12 +462,42 @@ impl Engine {
                 ),
             });
         }
+        // Bank-transfer renewals whose invoice is due to be issued.
+        let lead = SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
+        let transfers = self
+            .store
+            .scan(&Scan {
+                statuses: vec![Status::Active],
+                auto_renew: Some(true),
+                card_only: false,
+                ends_after: None,
+                ends_at_or_before: now.saturating_add(lead).unwrap_or(now),
+                without_open_renewal: true,
+                after_id: 0,
+                limit: u32::MAX,
+            })
+            .await?;
+        for (sub, _) in transfers
+            .iter()
+            .filter(|(s, _)| !s.cancel_at_period_end && matches!(s.payment, PaymentMethod::BankTransfer { .. }))
+        {
+            actions.push(PlannedAction {
+                subscription_id: sub.id,
+                action: "invoice".into(),
+                detail: format!("issue the transfer invoice for term {} ending {}", sub.term + 1, fmt_opt(sub.current_period_end)),
+            });
+        }
         for w in self.store.due_renewals(now).await? {
             let open = w.last_attempt.as_ref().is_some_and(|a| a.status.is_open());
+            let transfer = matches!(w.subscription.payment, PaymentMethod::BankTransfer { .. });
             actions.push(PlannedAction {
                 subscription_id: w.subscription.id,
                 action: if open {
                     "reconcile"
+                } else if transfer && w.renewal.status == crate::store::RenewalStatus::AwaitingTransfer {
+                    "transfer_overdue"
+                } else if transfer {
+                    "invoice"
                 } else if w.renewal.attempt_count > 0 {
                     "retry"
                 } else {
@@ -486,7 +516,7 @@ impl Engine {
             .store
             .scan(&Scan {
                 statuses: vec![Status::Active, Status::PastDue],
-                auto_renew: Some(false),
+                auto_renew: None,
                 card_only: false,
                 ends_after: None,
                 ends_at_or_before: now,
@@ -496,9 +526,16 @@ impl Engine {
             })
             .await?;
         for (sub, _) in &expiring {
+            let action = if sub.cancel_at_period_end {
+                "cancel"
+            } else if !sub.auto_renew.on {
+                "expire"
+            } else {
+                continue;
+            };
             actions.push(PlannedAction {
                 subscription_id: sub.id,
-                action: "expire".into(),
+                action: action.into(),
                 detail: format!("period ended {}", fmt_opt(sub.current_period_end)),
             });
         }

@@ -604,3 +604,36 @@ async fn an_unpaid_manual_transfer_renewal_hands_the_period_back_to_automatic_re
     assert_eq!(auto.status, "open", "the automatic renewal invoice was issued: {invoices:?}");
     assert_eq!(auto.due_at, app.sub(sub.id).await.current_period_end);
 }
+
+#[tokio::test]
+async fn a_dry_run_previews_transfer_invoices_and_period_end_cancellations_and_writes_nothing() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let transfer = app.transfer_purchase(c).await;
+    app.engine
+        .mark_paid(&transfer.invoice.unwrap().number, "REF-1")
+        .await
+        .unwrap();
+    let cancelling = app.tokyo_subscription().await;
+    let req = app
+        .engine
+        .open_request(cancelling.id, "cancel", "closing down")
+        .await
+        .unwrap();
+    app.engine
+        .resolve_request(req.id, CancelAt::PeriodEnd)
+        .await
+        .unwrap();
+
+    app.set("2028-03-31T16:00:00Z");
+    let before = app.fingerprint().await;
+    let plan = app.engine.plan_at(app.now()).await.unwrap();
+    let actions: Vec<(i64, String)> = plan
+        .actions
+        .iter()
+        .map(|a| (a.subscription_id, a.action.clone()))
+        .collect();
+    assert!(actions.contains(&(transfer.subscription.id, "invoice".to_string())), "{actions:?}");
+    assert!(actions.contains(&(cancelling.id, "cancel".to_string())), "{actions:?}");
+    assert_eq!(app.fingerprint().await, before, "a dry run writes nothing");
+}
