@@ -52,6 +52,14 @@ enum Flow {
 
 /// Runs until SIGTERM or SIGINT, then drains (see the module comment).
 pub async fn run(engine: Arc<Engine>) -> anyhow::Result<()> {
+    // Every line the daemon logs carries the instance (host:pid), so the
+    // logs of several instances sharing one database can be told apart.
+    use tracing::Instrument;
+    let span = tracing::info_span!("renewd", instance = %engine.instance);
+    run_instance(engine).instrument(span).await
+}
+
+async fn run_instance(engine: Arc<Engine>) -> anyhow::Result<()> {
     let config = engine.config.clone();
     let monitor = Arc::new(Monitor::install());
     let health = Health::new(ready_max_age(&config.raw.schedule.sweep, engine.now()));

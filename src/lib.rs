@@ -4,6 +4,7 @@
 //! [`mail`] are adapters around it; [`engine`] drives them; [`daemon`] and
 //! [`cli`] are the edges. Only [`clock`] reads the system time.
 
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

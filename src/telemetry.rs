@@ -32,7 +32,8 @@ pub fn init(format: LogFormat, filter: &str) {
         (LogFormat::Json, false) => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
+            .with_span_list(false)
             .try_init(),
         (LogFormat::Json, true) => builder
             .fmt_fields(JsonFields::new())
@@ -40,7 +41,8 @@ pub fn init(format: LogFormat, filter: &str) {
                 format::format()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false)
+                    .with_current_span(true)
+                    .with_span_list(false)
                     .without_time(),
             ))
             .try_init(),

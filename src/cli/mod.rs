@@ -100,6 +100,8 @@ pub enum Command {
     },
     #[command(subcommand)]
     Sandbox(ops::SandboxCommand),
+    /// The benchmark table (docs/benchmarks.md), on its own temporary data.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// A failure to report: its one-line message and the exit code.
@@ -178,6 +180,8 @@ pub async fn run(cli: Cli) -> CliResult {
             ops::simulate(config, now, &until, &step, json).await
         }
         Command::Sandbox(cmd) => ops::sandbox(config, clock, cmd).await,
+        // The bench builds its own config, data and engines.
+        Command::Bench(args) => crate::bench::run(args, now).await,
         command => {
             // Held until the daemon returns: a second `run` on the same
             // SQLite file is refused before it migrates or sweeps anything.
@@ -207,9 +211,10 @@ async fn dispatch(engine: Arc<Engine>, command: Command) -> CliResult {
         Command::Invoice(cmd) => invoice::run(&engine, cmd).await,
         Command::Mail(cmd) => mail::run(&engine, cmd).await,
         Command::Request(cmd) => request::run(&engine, cmd).await,
-        Command::CheckConfig { .. } | Command::Simulate { .. } | Command::Sandbox(_) => {
-            Err(Failure::usage("internal: command dispatched twice"))
-        }
+        Command::CheckConfig { .. }
+        | Command::Simulate { .. }
+        | Command::Sandbox(_)
+        | Command::Bench(_) => Err(Failure::usage("internal: command dispatched twice")),
     }
 }
 

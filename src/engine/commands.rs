@@ -103,7 +103,9 @@ impl Engine {
     /// Buys a subscription by card: the card is charged at once.
     pub async fn purchase(&self, input: PurchaseInput) -> EngineResult<PurchaseResult> {
         let terms = self.check_terms(input.accept_terms.as_deref())?;
-        let (customer, plan) = self.customer_and_plan(input.customer_id, input.plan).await?;
+        let (customer, plan) = self
+            .customer_and_plan(input.customer_id, input.plan)
+            .await?;
         let payment = self
             .card_method(&input.card, input.card_expiry.as_deref())
             .await?;

@@ -275,7 +275,9 @@ impl Engine {
                         RenewalPatch {
                             status: RenewalStatus::Pending,
                             next_attempt_at: Some(now),
-                            note: Some("manual transfer not received; back to automatic renewal".into()),
+                            note: Some(
+                                "manual transfer not received; back to automatic renewal".into(),
+                            ),
                             release: true,
                         }
                     } else {
@@ -898,7 +900,9 @@ impl Engine {
                     // row (unique per period and kind), so it is not sent twice.
                     let mut ctx = self.mail_context(&sub, &customer);
                     ctx["cancelled_date"] = json!(self.local_date(now, &customer));
-                    ctx["access_until_date"] = json!(sub.current_period_end.map(|e| self.local_date(e, &customer)));
+                    ctx["access_until_date"] = json!(sub
+                        .current_period_end
+                        .map(|e| self.local_date(e, &customer)));
                     vec![self.cancel_mail(&sub, &customer, ctx)]
                 },
             ),

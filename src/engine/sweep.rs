@@ -20,7 +20,7 @@ use crate::domain::values::CardExpiry;
 use crate::domain::Status;
 use crate::mail::MailKind;
 use crate::store::{
-    Change, Customer, Lease, NewEvent, NewMail, PaymentMethod, Scan, Subscription,
+    Change, Customer, Lease, NewEvent, NewMail, PaymentMethod, QueuedNotice, Scan, Subscription,
     SubscriptionPatch,
 };
 
@@ -96,7 +96,9 @@ impl Engine {
         Ok(s)
     }
 
-    async fn renewals(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
+    /// The renewal phase alone (claim, charge, invoice, outbox); `pub(crate)`
+    /// so `renewd bench` can time it apart from mail delivery.
+    pub(crate) async fn renewals(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
         loop {
             // Opened again on every round: a renewal that succeeded may leave a
             // period end still in the past (renewd was down for over a year),
@@ -173,6 +175,7 @@ impl Engine {
                     without_open_renewal: true,
                     after_id: after,
                     limit: SCAN_BATCH,
+                    skip_queued: None,
                 })
                 .await?;
             let Some(last) = batch.last() else {
@@ -311,6 +314,7 @@ impl Engine {
         now: Timestamp,
         days: u32,
         auto_renew: bool,
+        skip: QueuedNotice,
         mut f: impl FnMut(&Subscription, &Customer) -> Vec<(MailKind, i64, serde_json::Value)>,
     ) -> EngineResult<(u32, u32)> {
         let horizon = now
@@ -329,6 +333,8 @@ impl Engine {
                     without_open_renewal: false,
                     after_id: after,
                     limit: SCAN_BATCH,
+                    // Queued notices are not offered again every day.
+                    skip_queued: Some(skip.clone()),
                 })
                 .await?;
             let Some(last) = batch.last() else {
@@ -375,8 +381,12 @@ impl Engine {
     async fn reminders(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
         let offsets = self.config.raw.renewal.reminder_offsets_days.clone();
         let max = offsets.iter().copied().max().unwrap_or(0);
+        let skip = QueuedNotice::Reminders {
+            offsets_days: offsets.clone(),
+            now,
+        };
         let (queued, errors) = self
-            .scan_ending_within(now, max, false, |sub, customer| {
+            .scan_ending_within(now, max, false, skip, |sub, customer| {
                 let Some(end) = sub.current_period_end else {
                     return vec![];
                 };
@@ -403,8 +413,9 @@ impl Engine {
     /// stored card ends before the renewal date.
     async fn notices(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
         let days = self.config.raw.renewal.upcoming_notice_days;
+        let skip = QueuedNotice::Upcoming { days };
         let (queued, errors) = self
-            .scan_ending_within(now, days, true, |sub, customer| {
+            .scan_ending_within(now, days, true, skip, |sub, customer| {
                 let Some(end) = sub.current_period_end else {
                     return vec![];
                 };
@@ -449,6 +460,7 @@ impl Engine {
                 without_open_renewal: true,
                 after_id: 0,
                 limit: u32::MAX,
+                skip_queued: None,
             })
             .await?;
         for (sub, _) in new_due.iter().filter(|(s, _)| !s.cancel_at_period_end) {
@@ -463,7 +475,8 @@ impl Engine {
             });
         }
         // Bank-transfer renewals whose invoice is due to be issued.
-        let lead = SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
+        let lead =
+            SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
         let transfers = self
             .store
             .scan(&Scan {
@@ -475,16 +488,20 @@ impl Engine {
                 without_open_renewal: true,
                 after_id: 0,
                 limit: u32::MAX,
+                skip_queued: None,
             })
             .await?;
-        for (sub, _) in transfers
-            .iter()
-            .filter(|(s, _)| !s.cancel_at_period_end && matches!(s.payment, PaymentMethod::BankTransfer { .. }))
-        {
+        for (sub, _) in transfers.iter().filter(|(s, _)| {
+            !s.cancel_at_period_end && matches!(s.payment, PaymentMethod::BankTransfer { .. })
+        }) {
             actions.push(PlannedAction {
                 subscription_id: sub.id,
                 action: "invoice".into(),
-                detail: format!("issue the transfer invoice for term {} ending {}", sub.term + 1, fmt_opt(sub.current_period_end)),
+                detail: format!(
+                    "issue the transfer invoice for term {} ending {}",
+                    sub.term + 1,
+                    fmt_opt(sub.current_period_end)
+                ),
             });
         }
         for w in self.store.due_renewals(now).await? {
@@ -494,7 +511,9 @@ impl Engine {
                 subscription_id: w.subscription.id,
                 action: if open {
                     "reconcile"
-                } else if transfer && w.renewal.status == crate::store::RenewalStatus::AwaitingTransfer {
+                } else if transfer
+                    && w.renewal.status == crate::store::RenewalStatus::AwaitingTransfer
+                {
                     "transfer_overdue"
                 } else if transfer {
                     "invoice"
@@ -523,6 +542,7 @@ impl Engine {
                 without_open_renewal: true,
                 after_id: 0,
                 limit: u32::MAX,
+                skip_queued: None,
             })
             .await?;
         for (sub, _) in &expiring {
@@ -555,6 +575,7 @@ impl Engine {
                 without_open_renewal: false,
                 after_id: 0,
                 limit: u32::MAX,
+                skip_queued: None,
             })
             .await?;
         for (sub, customer) in &candidates {

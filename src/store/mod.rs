@@ -564,6 +564,53 @@ pub struct Scan {
     pub without_open_renewal: bool,
     pub after_id: i64,
     pub limit: u32,
+    /// Leave out subscriptions whose notice for the current period is
+    /// already queued. Without it a daily sweep re-offers (and rolls back)
+    /// an outbox insert for every subscription inside a 30-day notice
+    /// window, every day: most of the work of a simulated year (renewd
+    /// bench). Only an optimisation: the outbox insert is idempotent anyway,
+    /// so a store may ignore it, but must never leave out a notice still due.
+    pub skip_queued: Option<QueuedNotice>,
+}
+
+/// Notices a [`Scan`] may leave out once they are queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueuedNotice {
+    /// Renewal reminders at these offsets (days before the period end).
+    /// Left out while the smallest reminder queued for the period is still
+    /// the one due at `now`: the next smaller offset has not come due (with
+    /// an hour of margin, as local days vary by an hour across DST).
+    Reminders {
+        offsets_days: Vec<u32>,
+        now: Timestamp,
+    },
+    /// The upcoming-renewal notice at `days` before the period end, with the
+    /// card-expiring warning when the card ends before the period: left out
+    /// once the notice is queued and the warning is queued or clearly not
+    /// needed (the card runs past the month after the period end).
+    Upcoming { days: u32 },
+}
+
+impl QueuedNotice {
+    /// `(offset, cutoff)` per reminder offset, largest first: a reminder at
+    /// `offset` is the one due while the period ends after `cutoff` (unix
+    /// seconds); the smallest offset has no cutoff.
+    pub fn reminder_cutoffs(offsets_days: &[u32], now: Timestamp) -> Vec<(i64, Option<i64>)> {
+        let mut offsets: Vec<i64> = offsets_days.iter().map(|&d| i64::from(d)).collect();
+        offsets.sort_unstable_by(|a, b| b.cmp(a));
+        offsets.dedup();
+        let next: Vec<Option<i64>> = offsets
+            .iter()
+            .skip(1)
+            .map(|&d| Some(d))
+            .chain([None])
+            .collect();
+        offsets
+            .iter()
+            .zip(next)
+            .map(|(&d, smaller)| (d, smaller.map(|s| now.as_second() + s * 86_400 + 3_600)))
+            .collect()
+    }
 }
 
 /// Point-in-time counts for the daemon's metrics gauges.

@@ -11,10 +11,11 @@
 //! Connection loss: a statement that fails because the connection dropped
 //! or the server is restarting (or a deadlock victim) rolls its transaction
 //! back on the server, so the whole transaction is run again after a
-//! backoff, for about a minute. A failed COMMIT is never retried: its
-//! outcome is unknown, so it surfaces as an error and the engine leaves the
-//! renewal's lease to expire; whoever takes it next resumes from the last
-//! recovery point that really committed.
+//! backoff, for about a minute. A failed COMMIT has an unknown outcome: it
+//! is retried only where running the transaction twice is harmless (see
+//! `transaction!`); elsewhere (an attempt, a payment) it surfaces as an
+//! error, the engine leaves the renewal's lease to expire, and whoever takes
+//! it next resumes from the last recovery point that really committed.
 //!
 //! Business time never comes from the server: `now` is bound as a
 //! parameter, never `NOW()`.
@@ -42,7 +43,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 
 /// The advisory lock that serializes `migrate()` of instances starting
 /// together ("renewd" in ASCII).
-const MIGRATE_LOCK: i64 = 0x0072_656e_6577_64;
+const MIGRATE_LOCK: i64 = 0x72656e657764;
 
 /// Waits between tries of an operation that met a transient failure: they
 /// double from the first up to the longest, for as long as `RETRY_FOR`.
@@ -90,8 +91,19 @@ fn read<T, F: std::future::Future<Output = StoreResult<T>>>(f: F) -> F {
 /// Runs `$body` (an async block using `$tx: &mut PgConnection`) in one
 /// READ COMMITTED transaction, again from the start after a transient
 /// failure before COMMIT (see the module comment).
+///
+/// A failed COMMIT is retried only for operations marked `idempotent`:
+/// running them again after a commit that did land is harmless (an
+/// insert-or-ignore, a claim whose rows just wait for their lease to
+/// expire, a token-guarded write that then finds its token gone).
 macro_rules! transaction {
-    ($store:expr, $op:expr, |$tx:ident| $body:expr) => {{
+    ($store:expr, $op:expr, |$tx:ident| $body:expr) => {
+        transaction!(@run $store, $op, false, |$tx| $body)
+    };
+    ($store:expr, $op:expr, idempotent, |$tx:ident| $body:expr) => {
+        transaction!(@run $store, $op, true, |$tx| $body)
+    };
+    (@run $store:expr, $op:expr, $idempotent:expr, |$tx:ident| $body:expr) => {{
         let mut retry = Retry::new($op, &$store.instance);
         loop {
             let mut txn = match $store.pool.begin().await {
@@ -113,13 +125,17 @@ macro_rules! transaction {
                     break match txn.commit().await {
                         Ok(()) => Ok(v),
                         Err(e) => {
+                            let e = StoreError::from(e);
+                            if $idempotent && retry.again(&e).await {
+                                continue;
+                            }
                             tracing::warn!(
                                 instance = %$store.instance,
                                 operation = $op,
                                 error = %e,
                                 "database commit failed; its outcome is unknown and the work is left to be taken up again"
                             );
-                            Err(StoreError::from(e))
+                            Err(e)
                         }
                     };
                 }
@@ -218,7 +234,10 @@ fn is_transient(e: &StoreError) -> bool {
             // shutdown, cannot connect now; 53300: too many connections;
             // 40001 / 40P01: serialization failure / deadlock.
             code.starts_with("08")
-                || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+                || matches!(
+                    code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                )
         }),
         _ => false,
     }
@@ -262,8 +281,13 @@ impl PgStore {
     /// (`host:pid`) names the connections in `pg_stat_activity` and this
     /// store's log lines.
     pub async fn open(url: &str, max_connections: u32, instance: &str) -> StoreResult<Self> {
-        let options =
-            PgConnectOptions::from_str(url)?.application_name(&format!("renewd {instance}"));
+        let options = PgConnectOptions::from_str(url)?
+            .application_name(&format!("renewd {instance}"))
+            // Plan every statement for its actual `now`: a generic plan of
+            // a prepared scan guesses the share of ended periods and walks
+            // the whole table in id order when few have ended, where the
+            // custom plan reads the due index (what is due, not the table).
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             // Also how long one try waits for a server that is restarting.
@@ -310,7 +334,8 @@ const MAIL_COLUMNS: &str =
     "id, subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
      invoice_number, context, status, attempts, last_error, created_at, sent_at";
 
-const ATTEMPT_COLUMNS: &str = "id, renewal_id, attempt_no, idempotency_key, payment_method, amount_minor, currency, \
+const ATTEMPT_COLUMNS: &str =
+    "id, renewal_id, attempt_no, idempotency_key, payment_method, amount_minor, currency, \
      invoice_draft, status, reconcile_count, created_at";
 
 fn subscription_from(r: &PgRow) -> StoreResult<Subscription> {
@@ -636,9 +661,11 @@ async fn patch_subscription(
         q.push(", auto_renew_can_enable = ").push_bind(a.can_enable);
     }
     if let Some(period) = &p.period {
-        q.push(", anchor_date = ").push_bind(pg_date(period.anchor_date)?);
+        q.push(", anchor_date = ")
+            .push_bind(pg_date(period.anchor_date)?);
         q.push(", term = ").push_bind(period.term);
-        q.push(", current_period_start = ").push_bind(at(period.start));
+        q.push(", current_period_start = ")
+            .push_bind(at(period.start));
         q.push(", current_period_end = ").push_bind(at(period.end));
     }
     if let Some(pm) = &p.payment {
@@ -650,7 +677,12 @@ async fn patch_subscription(
                 expiry,
             } => (
                 [Some("card".into()), None, None, None],
-                [Some(token.clone()), Some(brand.clone()), Some(last4.clone()), expiry.clone()],
+                [
+                    Some(token.clone()),
+                    Some(brand.clone()),
+                    Some(last4.clone()),
+                    expiry.clone(),
+                ],
                 [None, None, None],
             ),
             PaymentMethod::BankTransfer {
@@ -684,7 +716,11 @@ async fn patch_subscription(
     }
     q.push(" WHERE id = ").push_bind(p.id);
     if !p.expect_status.is_empty() {
-        let statuses: Vec<String> = p.expect_status.iter().map(|s| s.as_str().to_string()).collect();
+        let statuses: Vec<String> = p
+            .expect_status
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect();
         q.push(" AND status = ANY(").push_bind(statuses).push(")");
     }
     match p.expect_period_end {
@@ -710,7 +746,10 @@ async fn patch_subscription(
 /// A status list written into SQL: the values are the domain's own
 /// constants, never input, and literals let the planner use the indexes.
 fn status_list(statuses: &[crate::domain::Status]) -> String {
-    let quoted: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    let quoted: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
     if quoted.is_empty() {
         "(NULL)".into()
     } else {
@@ -721,7 +760,7 @@ fn status_list(statuses: &[crate::domain::Status]) -> String {
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> StoreResult<()> {
-        transaction!(self, "migrate", |tx| async {
+        transaction!(self, "migrate", idempotent, |tx| async {
             // Instances started together take turns: the second finds the
             // schema in place and applies nothing.
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -740,10 +779,11 @@ impl Store for PgStore {
                 .execute(&mut *tx)
                 .await?;
             }
-            let current: i64 =
-                sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations")
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let current: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
             let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
             if current > known {
                 return Err(StoreError::SchemaTooNew {
@@ -965,7 +1005,8 @@ impl Store for PgStore {
                      AND r.status IN {OPEN_RENEWAL})"
                 ));
             }
-            q.push(" ORDER BY s.id LIMIT ").push_bind(i64::from(scan.limit));
+            q.push(" ORDER BY s.id LIMIT ")
+                .push_bind(i64::from(scan.limit));
             let rows = q.build().fetch_all(&self.pool).await?;
             rows.iter()
                 .map(|r| Ok((subscription_from(r)?, customer_from(r, "c_")?)))
@@ -979,7 +1020,7 @@ impl Store for PgStore {
         transfer_lead: jiff::SignedDuration,
     ) -> StoreResult<u64> {
         let lead_end = now.saturating_add(transfer_lead).unwrap_or(now);
-        transaction!(self, "open_due_renewals", |tx| async {
+        transaction!(self, "open_due_renewals", idempotent, |tx| async {
             // Inserted in id order, so two instances opening the same rows
             // wait on each other instead of deadlocking.
             let cards = sqlx::query(
@@ -1010,7 +1051,9 @@ impl Store for PgStore {
             .bind(at(lead_end))
             .execute(&mut *tx)
             .await?;
-            Ok(Finish::Commit(cards.rows_affected() + transfers.rows_affected()))
+            Ok(Finish::Commit(
+                cards.rows_affected() + transfers.rows_affected(),
+            ))
         })
     }
 
@@ -1145,7 +1188,12 @@ impl Store for PgStore {
         }
     }
 
-    async fn claim_renewal(&self, renewal_id: i64, claim: &Claim, now: Timestamp) -> StoreResult<bool> {
+    async fn claim_renewal(
+        &self,
+        renewal_id: i64,
+        claim: &Claim,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
         transaction!(self, "claim_renewal", |tx| async {
             let done = sqlx::query(
                 "UPDATE renewals SET lease_token = $1, lease_owner = $2, lease_expires_at = $3, updated_at = $4 \
@@ -1164,13 +1212,13 @@ impl Store for PgStore {
 
     async fn invoice_renewal(&self, number: &str) -> StoreResult<Option<i64>> {
         retrying!(self, "invoice_renewal", async {
-            Ok(
-                sqlx::query_scalar::<_, Option<i64>>("SELECT renewal_id FROM invoices WHERE number = $1")
-                    .bind(number)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .flatten(),
+            Ok(sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT renewal_id FROM invoices WHERE number = $1",
             )
+            .bind(number)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
         })
     }
 
@@ -1256,7 +1304,7 @@ impl Store for PgStore {
                           FOR UPDATE SKIP LOCKED) \
              RETURNING id"
         );
-        let mut ids = transaction!(self, "claim_renewals", |tx| async {
+        let mut ids = transaction!(self, "claim_renewals", idempotent, |tx| async {
             let ids: Vec<i64> = sqlx::query_scalar(&sql)
                 .bind(&claim.token)
                 .bind(&claim.owner)
@@ -1353,7 +1401,32 @@ impl Store for PgStore {
                 .bind(at(now))
                 .fetch_one(&mut *tx)
                 .await?;
-            Ok(Finish::Commit(attempt_from(&row)?))
+            let attempt = attempt_from(&row)?;
+            let (subscription_id, customer_id): (i64, i64) = sqlx::query_as(
+                "SELECT s.id, s.customer_id FROM renewals r JOIN subscriptions s ON s.id = r.subscription_id \
+                 WHERE r.id = $1",
+            )
+            .bind(lease.renewal_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            insert_event(
+                tx,
+                &NewEvent {
+                    kind: "charge.attempt".into(),
+                    subscription_id: Some(subscription_id),
+                    customer_id: Some(customer_id),
+                    amount_minor: Some(a.amount_minor),
+                    currency: Some(a.currency.clone()),
+                    idempotency_key: Some(a.idempotency_key.clone()),
+                    outcome: Some("sent".into()),
+                    detail: serde_json::json!({"attempt": attempt.attempt_no, "payment_method_kind": "card"}),
+                    ..Default::default()
+                },
+                None,
+                now,
+            )
+            .await?;
+            Ok(Finish::Commit(attempt))
         })
     }
 
@@ -1542,7 +1615,7 @@ impl Store for PgStore {
                           FOR UPDATE SKIP LOCKED) \
              RETURNING {MAIL_COLUMNS}"
         );
-        let rows = transaction!(self, "claim_mail", |tx| async {
+        let rows = transaction!(self, "claim_mail", idempotent, |tx| async {
             let rows = sqlx::query(&sql)
                 .bind(&claim.token)
                 .bind(at(claim.expires_at))
@@ -1558,7 +1631,7 @@ impl Store for PgStore {
     }
 
     async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()> {
-        transaction!(self, "mail_sent", |tx| async {
+        transaction!(self, "mail_sent", idempotent, |tx| async {
             let sent: Option<(i64, String)> = sqlx::query_as(
                 "UPDATE outbox SET status = 'sent', sent_at = $1, attempts = attempts + 1, lease_token = NULL, \
                  lease_expires_at = NULL, last_error = NULL WHERE id = $2 AND lease_token = $3 \
@@ -1604,7 +1677,7 @@ impl Store for PgStore {
         } else {
             "failed"
         };
-        transaction!(self, "mail_failed", |tx| async {
+        transaction!(self, "mail_failed", idempotent, |tx| async {
             let done = sqlx::query(
                 "UPDATE outbox SET status = $1, attempts = attempts + 1, last_error = $2, next_attempt_at = $3, \
                  lease_token = NULL, lease_expires_at = NULL WHERE id = $4 AND lease_token = $5",

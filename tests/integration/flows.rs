@@ -599,9 +599,19 @@ async fn an_unpaid_manual_transfer_renewal_hands_the_period_back_to_automatic_re
     // still renews automatically by invoice before its anniversary.
     app.run_until("2028-03-10T00:00:00Z", days(1)).await;
     let invoices = app.invoices(sub.id).await;
-    assert_eq!(invoices.iter().find(|i| i.number == manual_invoice.number).unwrap().status, "void");
+    assert_eq!(
+        invoices
+            .iter()
+            .find(|i| i.number == manual_invoice.number)
+            .unwrap()
+            .status,
+        "void"
+    );
     let auto = invoices.last().unwrap();
-    assert_eq!(auto.status, "open", "the automatic renewal invoice was issued: {invoices:?}");
+    assert_eq!(
+        auto.status, "open",
+        "the automatic renewal invoice was issued: {invoices:?}"
+    );
     assert_eq!(auto.due_at, app.sub(sub.id).await.current_period_end);
 }
 
@@ -633,7 +643,13 @@ async fn a_dry_run_previews_transfer_invoices_and_period_end_cancellations_and_w
         .iter()
         .map(|a| (a.subscription_id, a.action.clone()))
         .collect();
-    assert!(actions.contains(&(transfer.subscription.id, "invoice".to_string())), "{actions:?}");
-    assert!(actions.contains(&(cancelling.id, "cancel".to_string())), "{actions:?}");
+    assert!(
+        actions.contains(&(transfer.subscription.id, "invoice".to_string())),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&(cancelling.id, "cancel".to_string())),
+        "{actions:?}"
+    );
     assert_eq!(app.fingerprint().await, before, "a dry run writes nothing");
 }

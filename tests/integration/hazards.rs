@@ -69,7 +69,13 @@ async fn a_timeout_after_the_charge_is_reconciled_with_the_same_key_and_charges_
         .collect();
     assert_eq!(
         kinds,
-        vec!["charge.attempt", "charge.attempt", "charge.unknown", "renewal.succeeded", "charge.reconciled"],
+        vec![
+            "charge.attempt",
+            "charge.attempt",
+            "charge.unknown",
+            "renewal.succeeded",
+            "charge.reconciled"
+        ],
         "purchase attempt, renewal attempt, its unknown outcome, then the reconciled success"
     );
 }

@@ -1,6 +1,12 @@
 //! The integration harness: one app per test with its own temp directory
 //! (database, sandbox ledger, mail files), a MockClock and the sandbox
 //! gateway, so a test reads: create, advance the clock, sweep, assert.
+//!
+//! The backend comes from `RENEWD_TEST_BACKEND`: `sqlite` (the default) or
+//! `postgres`, where every test gets its own fresh database on the server
+//! at `RENEWD_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//! and drops it when the test ends. Asked for PostgreSQL, a test fails when
+//! the server is unreachable: it never passes without having run.
 
 use std::sync::Arc;
 
@@ -13,6 +19,7 @@ use renewd::gateway::sandbox::{LedgerCharge, SandboxGateway};
 use renewd::gateway::{CardDetails, Charge, ChargeRequest, GatewayError, Lookup, PaymentGateway};
 use renewd::mail::file::FileTransport;
 use renewd::mail::MailKind;
+use renewd::store::postgres::PgStore;
 use renewd::store::sqlite::SqliteStore;
 use renewd::store::{Invoice, Mail, MailFilter, Store, Subscription};
 
@@ -21,6 +28,102 @@ pub struct TestApp {
     pub clock: Arc<MockClock>,
     pub engine: Engine,
     pub sandbox: Arc<SandboxGateway>,
+    /// The test's own PostgreSQL database, dropped with the app (last, after
+    /// the engine's connections).
+    pub pg: Option<PgDatabase>,
+}
+
+/// The database the suite runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn backend() -> Backend {
+    match std::env::var("RENEWD_TEST_BACKEND").as_deref() {
+        Ok("postgres") | Ok("postgresql") | Ok("pg") => Backend::Postgres,
+        Ok("") | Ok("sqlite") | Err(_) => Backend::Sqlite,
+        Ok(other) => panic!("RENEWD_TEST_BACKEND={other:?}: use sqlite or postgres"),
+    }
+}
+
+/// The server's maintenance database, where test databases are created.
+pub fn pg_admin_url() -> String {
+    std::env::var("RENEWD_TEST_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh PostgreSQL database for one test, dropped (`WITH (FORCE)`, so
+/// connections still open do not keep it) when this guard is.
+pub struct PgDatabase {
+    pub name: String,
+    pub url: String,
+    admin: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        use sqlx::{Connection, Executor};
+        let admin = pg_admin_url();
+        let connect = sqlx::PgConnection::connect(&admin);
+        let mut conn = match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => panic!(
+                "RENEWD_TEST_BACKEND=postgres but PostgreSQL at {admin} is unreachable: {e} (start it, see README \"Tests\")"
+            ),
+            Err(_) => panic!("RENEWD_TEST_BACKEND=postgres but PostgreSQL at {admin} did not answer in 10s"),
+        };
+        let name = format!("renewd_test_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        let _ = conn.close().await;
+        let mut url = url::Url::parse(&admin).expect("RENEWD_TEST_PG_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        PgDatabase {
+            name,
+            url: url.to_string(),
+            admin,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on:
+        // the DROP runs on a thread of its own, waited for.
+        let admin = self.admin.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                use sqlx::{Connection, Executor};
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                conn.execute(sql.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = conn.close().await;
+                Ok::<(), String>(())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cannot drop test database {}: {e}", self.name),
+            Err(_) => eprintln!(
+                "cannot drop test database {}: the dropping thread panicked",
+                self.name
+            ),
+        }
+    }
 }
 
 pub fn t(s: &str) -> Timestamp {
@@ -53,20 +156,30 @@ impl TestApp {
     ) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().to_string_lossy().to_string();
+        let pg = match backend() {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(PgDatabase::create().await),
+        };
+        let database_url = match &pg {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{state}/renewd.db"),
+        };
         let mut vars: Vec<(String, String)> = vec![
             ("RENEWD__STATE_DIR".into(), state.clone()),
-            (
-                "RENEWD__DATABASE__URL".into(),
-                format!("sqlite://{state}/renewd.db"),
-            ),
+            ("RENEWD__DATABASE__URL".into(), database_url),
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Arc::new(Config::load_with_env(None, vars).expect("test config"));
         let clock = Arc::new(MockClock::new(t(start)));
         let shared: SharedClock = clock.clone();
-        let store = SqliteStore::open(&config.raw.database.url, 8)
-            .await
-            .expect("store");
+        let store: Arc<dyn Store> = match &pg {
+            Some(db) => Arc::new(PgStore::open(&db.url, 8, "test:1").await.expect("store")),
+            None => Arc::new(
+                SqliteStore::open(&config.raw.database.url, 8)
+                    .await
+                    .expect("store"),
+            ),
+        };
         store.migrate().await.expect("migrate");
         let sandbox = Arc::new(
             SandboxGateway::open(
@@ -79,7 +192,7 @@ impl TestApp {
         );
         let gateway = wrap(sandbox.clone());
         let engine = Engine {
-            store: Arc::new(store),
+            store,
             gateway,
             transport: Arc::new(FileTransport::new(config.mail_dir())),
             clock: shared,
@@ -91,6 +204,7 @@ impl TestApp {
             clock,
             engine,
             sandbox,
+            pg,
         }
     }
 
@@ -226,6 +340,9 @@ impl TestApp {
 
     /// Row counts of every table: a fingerprint of the whole database.
     pub async fn fingerprint(&self) -> Vec<(String, i64)> {
+        if let Some(db) = &self.pg {
+            return pg_fingerprint(&db.url).await;
+        }
         let pool = sqlx::SqlitePool::connect(&self.engine.config.raw.database.url)
             .await
             .unwrap();
@@ -249,6 +366,34 @@ impl TestApp {
         out.push(("max(subscriptions.updated_at)".into(), updated.unwrap_or(0)));
         out
     }
+}
+
+/// `TestApp::fingerprint` on PostgreSQL: row counts of every table of the
+/// test's database, and the latest subscription change in unix seconds.
+async fn pg_fingerprint(url: &str) -> Vec<(String, i64)> {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename COLLATE \"C\"",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut out = vec![];
+    for table in tables {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM \"{table}\""))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        out.push((table, n));
+    }
+    let updated: Option<i64> =
+        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM MAX(updated_at))::bigint FROM subscriptions")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    out.push(("max(subscriptions.updated_at)".into(), updated.unwrap_or(0)));
+    pool.close().await;
+    out
 }
 
 /// A gateway that passes the charge to the processor but then loses the

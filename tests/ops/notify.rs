@@ -54,7 +54,7 @@ fn watchdog_pings_stop_while_a_sweep_makes_no_progress_and_resume_after_it() {
     );
     daemon.wait_note("READY=1", Duration::from_secs(30));
     let swept = daemon.wait_note("STATUS=last sweep at", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     daemon.signal(libc::SIGTERM);
     assert_eq!(
         daemon.wait_exit(Duration::from_secs(30)).code(),

@@ -11,11 +11,11 @@ use crate::{Env, T1};
 
 #[test]
 fn sigterm_during_a_sweep_finishes_the_renewals_in_flight_claims_no_more_and_exits_0() {
-    // Six due renewals, claimed two at a time, each gateway call 1.5s.
+    // Six due renewals, claimed two at a time, each gateway call 3s.
     let env =
         Env::new("[renewal]\nbatch_size = 2\nconcurrency = 2\n\n[shutdown]\ntimeout = \"30s\"\n");
     let subs = env.subscriptions(6);
-    let mut daemon = env.spawn(T1, &[("RENEWD__GATEWAY__SANDBOX__LATENCY_MS", "1500")]);
+    let mut daemon = env.spawn(T1, &[("RENEWD__GATEWAY__SANDBOX__LATENCY_MS", "3000")]);
     daemon.wait_note("READY=1", Duration::from_secs(30));
     env.wait_for_a_charge_in_flight(&daemon);
 

@@ -1,0 +1,242 @@
+//! Group commit for the SQLite store: many write transactions, one fsync.
+//!
+//! With `synchronous = FULL` every COMMIT waits for the disk, and SQLite has
+//! one writer, so transactions committed one after another cap renewd at the
+//! disk's flush rate (`renewd bench`, "raw limit") divided by the two
+//! commits each renewal needs, however many renewals are in flight.
+//!
+//! Here every writer still runs alone (it holds an async mutex, as before),
+//! but inside a savepoint of a batch transaction that one dedicated
+//! connection keeps open. A background flusher commits the batch as soon as
+//! the writers already queued for the mutex have had their turn, and only
+//! then are their `commit` calls answered. So:
+//! - each write transaction is still atomic (its savepoint is released or
+//!   rolled back whole) and serial (each sees everything written before it);
+//! - nothing is acknowledged before it is durable: `commit` returns once the
+//!   batch's COMMIT has returned, and a batch that fails fails every member;
+//! - one fsync covers every writer that arrived while the previous batch was
+//!   being written.
+//!
+//! It must never let a writer run outside the batch transaction. SQLite
+//! rolls a whole transaction back by itself on some errors (I/O, full disk);
+//! when that happens the savepoint bookkeeping fails, the batch is marked
+//! broken, and a broken batch ends in ROLLBACK with an error for each member.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, SqliteConnection};
+use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
+
+use crate::store::{StoreError, StoreResult};
+
+/// The batch writer of one store: the connection, and the flusher's signal.
+pub(super) struct GroupCommit {
+    state: Arc<Mutex<State>>,
+    flush: mpsc::UnboundedSender<()>,
+}
+
+struct State {
+    conn: SqliteConnection,
+    /// The open batch transaction (BEGIN IMMEDIATE issued), if any.
+    batch: Option<Batch>,
+    /// A writer's savepoint is still open: its [`WriteTx`] was dropped
+    /// without commit or rollback (an early `?` return, or a cancelled
+    /// task). The next holder of the mutex rolls it back first.
+    dangling: bool,
+}
+
+struct Batch {
+    /// Writers whose savepoint was released into this batch.
+    members: usize,
+    /// Why the batch can no longer be committed.
+    broken: Option<String>,
+    /// Answered once the batch has ended: `Ok` when it is durable.
+    done: watch::Sender<Option<Result<(), String>>>,
+}
+
+/// One writer's turn: a savepoint inside the open batch. Derefs to the
+/// connection, like an sqlx transaction.
+pub(crate) struct WriteTx<'a> {
+    state: MutexGuard<'a, State>,
+    flush: &'a mpsc::UnboundedSender<()>,
+    open: bool,
+}
+
+const SAVEPOINT: &str = "SAVEPOINT renewd_write";
+const RELEASE: &str = "RELEASE renewd_write";
+const ROLLBACK_TO: &str = "ROLLBACK TO renewd_write; RELEASE renewd_write";
+
+async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sql).execute(conn).await.map(|_| ())
+}
+
+fn failed(why: &str) -> StoreError {
+    StoreError::Database(sqlx::Error::Io(std::io::Error::other(format!(
+        "the write was not committed: {why}"
+    ))))
+}
+
+impl GroupCommit {
+    /// Opens the dedicated write connection and starts the flusher (which
+    /// ends when the store is dropped).
+    pub(super) async fn open(options: &SqliteConnectOptions) -> Result<GroupCommit, sqlx::Error> {
+        let conn = options.connect().await?;
+        let state = Arc::new(Mutex::new(State {
+            conn,
+            batch: None,
+            dangling: false,
+        }));
+        let (flush, signals) = mpsc::unbounded_channel();
+        tokio::spawn(flusher(state.clone(), signals));
+        Ok(GroupCommit { state, flush })
+    }
+
+    /// Waits for this writer's turn and opens its savepoint in the batch
+    /// (opening a batch with BEGIN IMMEDIATE if none is open).
+    pub(super) async fn begin(&self) -> StoreResult<WriteTx<'_>> {
+        let mut state = self.state.lock().await;
+        state.repair().await;
+        if state.batch.as_ref().is_some_and(|b| b.broken.is_some()) {
+            state.finish().await;
+        }
+        if state.batch.is_none() {
+            exec(&mut state.conn, "BEGIN IMMEDIATE").await?;
+            state.batch = Some(Batch {
+                members: 0,
+                broken: None,
+                done: watch::channel(None).0,
+            });
+        }
+        if let Err(e) = exec(&mut state.conn, SAVEPOINT).await {
+            state.mark_broken(&e);
+            let _ = self.flush.send(());
+            return Err(e.into());
+        }
+        Ok(WriteTx {
+            state,
+            flush: &self.flush,
+            open: true,
+        })
+    }
+}
+
+impl State {
+    fn mark_broken(&mut self, e: &sqlx::Error) {
+        if let Some(b) = self.batch.as_mut() {
+            b.broken.get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    /// Rolls back the savepoint of a writer that went away mid-way.
+    async fn repair(&mut self) {
+        if self.dangling {
+            self.dangling = false;
+            if let Err(e) = exec(&mut self.conn, ROLLBACK_TO).await {
+                self.mark_broken(&e);
+            }
+        }
+    }
+
+    /// Ends the open batch, COMMIT (or ROLLBACK if broken or empty), and
+    /// answers its members.
+    async fn finish(&mut self) {
+        self.repair().await;
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        let result = match batch.broken {
+            Some(why) => {
+                // SQLite may have rolled back already; this only makes sure.
+                let _ = exec(&mut self.conn, "ROLLBACK").await;
+                Err(why)
+            }
+            None if batch.members == 0 => exec(&mut self.conn, "ROLLBACK")
+                .await
+                .map_err(|e| e.to_string()),
+            None => match exec(&mut self.conn, "COMMIT").await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = exec(&mut self.conn, "ROLLBACK").await;
+                    Err(e.to_string())
+                }
+            },
+        };
+        batch.done.send_replace(Some(result));
+    }
+}
+
+/// Commits each batch once the writers queued ahead of it have joined it:
+/// the mutex is fair, so taking it means everyone who asked before has had
+/// their turn.
+async fn flusher(state: Arc<Mutex<State>>, mut signals: mpsc::UnboundedReceiver<()>) {
+    while signals.recv().await.is_some() {
+        while signals.try_recv().is_ok() {}
+        state.lock().await.finish().await;
+    }
+}
+
+impl WriteTx<'_> {
+    /// Releases the savepoint into the batch, lets the next writer in, and
+    /// returns once the batch is durable.
+    pub(crate) async fn commit(mut self) -> StoreResult<()> {
+        if let Err(e) = exec(&mut self.state.conn, RELEASE).await {
+            self.state.mark_broken(&e);
+            return Err(e.into());
+        }
+        self.open = false;
+        let Some(batch) = self.state.batch.as_mut() else {
+            return Err(failed("no batch transaction was open"));
+        };
+        batch.members += 1;
+        let mut done = batch.done.subscribe();
+        let _ = self.flush.send(());
+        drop(self);
+        let answer = done
+            .wait_for(Option::is_some)
+            .await
+            .map(|r| r.clone())
+            .map_err(|_| failed("the store shut down before the batch was committed"))?;
+        match answer {
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => Err(failed(&why)),
+            None => Err(failed("the batch ended without an answer")),
+        }
+    }
+
+    /// Undoes this writer's changes; the batch goes on without them.
+    pub(crate) async fn rollback(mut self) -> StoreResult<()> {
+        self.open = false;
+        let result = exec(&mut self.state.conn, ROLLBACK_TO).await;
+        if let Err(e) = &result {
+            self.state.mark_broken(e);
+        }
+        // The batch may have no other member: let the flusher end it.
+        let _ = self.flush.send(());
+        Ok(result?)
+    }
+}
+
+impl Drop for WriteTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.state.dangling = true;
+            let _ = self.flush.send(());
+        }
+    }
+}
+
+impl Deref for WriteTx<'_> {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.state.conn
+    }
+}
+
+impl DerefMut for WriteTx<'_> {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.state.conn
+    }
+}
