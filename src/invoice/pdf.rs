@@ -1,12 +1,15 @@
 //! The PDF invoice: one A4 page drawn with the standard Helvetica fonts.
 //!
-//! The standard fonts cover WinAnsi (Latin) text only; characters outside it
-//! (for example Japanese names) are shown as `?` and labels are English.
-//! Embedding a CJK font would make Japanese PDFs possible at the cost of
-//! several megabytes in the binary; the HTML document is fully localised.
+//! Latin text uses the standard Helvetica fonts (WinAnsi). A line with
+//! characters outside WinAnsi (a Japanese name or address, say) is set in
+//! Adobe's Japanese CID font `KozMinPr6N-Regular` through the predefined
+//! `UniJIS-UCS2-H` encoding, without embedding it: PDF viewers substitute a
+//! Japanese font they have, which keeps the binary small. Labels are
+//! English; the HTML document is fully localised.
 //! The content stream is left uncompressed so the invoice number and total
 //! can be found in the file by any tool.
 
+use pdf_writer::types::{CidFontType, FontFlags, SystemInfo};
 use pdf_writer::{Content, Finish, Name, Pdf, Rect, Ref, Str, TextStr};
 
 use super::{prepare, DocumentError};
@@ -16,6 +19,24 @@ const WIDTH: f32 = 595.0;
 const HEIGHT: f32 = 842.0;
 const LEFT: f32 = 50.0;
 const RIGHT: f32 = WIDTH - 50.0;
+
+/// Whether every character of `s` exists in WinAnsi.
+fn is_win_ansi(s: &str) -> bool {
+    s.chars()
+        .all(|c| matches!(c, ' '..='~' | '\u{a0}'..='\u{ff}' | '€' | '‘' | '’' | '“' | '”' | '•' | '–' | '—'))
+}
+
+/// Text as big-endian UCS-2 for the `UniJIS-UCS2-H` encoding; characters
+/// beyond the Basic Multilingual Plane become `?`.
+fn ucs2(s: &str) -> Vec<u8> {
+    s.chars()
+        .flat_map(|c| {
+            u16::try_from(u32::from(c))
+                .unwrap_or(u16::from(b'?'))
+                .to_be_bytes()
+        })
+        .collect()
+}
 
 /// Text in the WinAnsi encoding of the standard fonts.
 fn win_ansi(s: &str) -> Vec<u8> {
@@ -36,8 +57,16 @@ fn win_ansi(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Approximate Helvetica advance width, for right-aligned columns.
+/// Approximate advance width, for right-aligned columns.
 fn text_width(s: &str, size: f32) -> f32 {
+    if !is_win_ansi(s) {
+        // The CID font: half-width Latin, full-width everything else.
+        let units: u32 = s
+            .chars()
+            .map(|c| if c.is_ascii() { 500 } else { 1000 })
+            .sum();
+        return units as f32 * size / 1000.0;
+    }
     let units: u32 = s
         .chars()
         .map(|c| match c {
@@ -60,10 +89,14 @@ struct Page {
 
 impl Page {
     fn text(&mut self, x: f32, y: f32, size: f32, bold: bool, s: &str) {
-        let bytes = win_ansi(s);
+        let (font, bytes) = if is_win_ansi(s) {
+            (Name(if bold { b"F2" } else { b"F1" }), win_ansi(s))
+        } else {
+            (Name(b"F3"), ucs2(s))
+        };
         self.content
             .begin_text()
-            .set_font(Name(if bold { b"F2" } else { b"F1" }), size)
+            .set_font(font, size)
             .set_text_matrix([1.0, 0.0, 0.0, 1.0, x, y])
             .show(Str(&bytes))
             .end_text();
@@ -204,6 +237,9 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
     let bold = Ref::new(5);
     let content_id = Ref::new(6);
     let info = Ref::new(7);
+    let japanese = Ref::new(8);
+    let japanese_cid = Ref::new(9);
+    let japanese_descriptor = Ref::new(10);
     let mut pdf = Pdf::new();
     pdf.catalog(catalog).pages(tree);
     pdf.pages(tree).kids([page_id]).count(1);
@@ -214,7 +250,8 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
     pg.resources()
         .fonts()
         .pair(Name(b"F1"), regular)
-        .pair(Name(b"F2"), bold);
+        .pair(Name(b"F2"), bold)
+        .pair(Name(b"F3"), japanese);
     pg.finish();
     pdf.type1_font(regular)
         .base_font(Name(b"Helvetica"))
@@ -222,6 +259,32 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
     pdf.type1_font(bold)
         .base_font(Name(b"Helvetica-Bold"))
         .encoding_predefined(Name(b"WinAnsiEncoding"));
+    pdf.type0_font(japanese)
+        .base_font(Name(b"KozMinPr6N-Regular-UniJIS-UCS2-H"))
+        .encoding_predefined(Name(b"UniJIS-UCS2-H"))
+        .descendant_font(japanese_cid);
+    let mut cid = pdf.cid_font(japanese_cid);
+    cid.subtype(CidFontType::Type0)
+        .base_font(Name(b"KozMinPr6N-Regular"))
+        .system_info(SystemInfo {
+            registry: Str(b"Adobe"),
+            ordering: Str(b"Japan1"),
+            supplement: 6,
+        })
+        .font_descriptor(japanese_descriptor)
+        .default_width(1000.0);
+    // UniJIS-UCS2-H maps printable ASCII to CIDs 1 to 95: half width.
+    cid.widths().same(1, 95, 500.0);
+    cid.finish();
+    pdf.font_descriptor(japanese_descriptor)
+        .name(Name(b"KozMinPr6N-Regular"))
+        .flags(FontFlags::SERIF | FontFlags::SYMBOLIC)
+        .bbox(Rect::new(-437.0, -340.0, 1147.0, 1317.0))
+        .italic_angle(0.0)
+        .ascent(1137.0)
+        .descent(-349.0)
+        .cap_height(742.0)
+        .stem_v(80.0);
     let stream = page.content.finish();
     pdf.stream(content_id, stream.as_slice());
     pdf.document_info(info)
@@ -233,6 +296,14 @@ pub fn render_pdf(inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn japanese_text_is_set_in_the_japanese_cid_font() {
+        assert!(is_win_ansi("Hanako Yamada ¥53,000 – €1"));
+        assert!(!is_win_ansi("山田花子"));
+        assert_eq!(ucs2("山A"), vec![0x5C, 0x71, 0x00, 0x41]);
+        assert_eq!(text_width("山A", 10.0), 15.0);
+    }
 
     #[test]
     fn win_ansi_keeps_latin_and_currency_signs() {

@@ -653,3 +653,36 @@ async fn a_dry_run_previews_transfer_invoices_and_period_end_cancellations_and_w
     );
     assert_eq!(app.fingerprint().await, before, "a dry run writes nothing");
 }
+
+#[tokio::test]
+async fn a_japanese_buyer_name_is_kept_in_the_pdf_in_the_japanese_font() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let jp = app
+        .engine
+        .add_customer(renewd::engine::NewCustomerInput {
+            name: "山田花子".into(),
+            email: "hanako@example.jp".into(),
+            timezone: Some("Asia/Tokyo".into()),
+            locale: Some("ja".into()),
+            country: Some("JP".into()),
+            currency: Some("JPY".into()),
+        })
+        .await
+        .unwrap();
+    let sub = app.purchase(jp.id, "pm_card_visa").await;
+    let pdf = renewd::invoice::render_pdf(&app.invoices(sub.id).await[0]).unwrap();
+    parse_pdf(&pdf);
+    let raw = String::from_utf8_lossy(&pdf).to_uppercase();
+    let name_ucs2: String = "山田花子"
+        .encode_utf16()
+        .map(|u| format!("{u:04X}"))
+        .collect();
+    assert!(
+        raw.contains(&name_ucs2),
+        "the name is shown, not replaced by ?"
+    );
+    assert!(
+        raw.contains("/UNIJIS-UCS2-H"),
+        "through Adobe's Japanese encoding"
+    );
+}
