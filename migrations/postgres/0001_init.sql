@@ -173,7 +173,17 @@ BEGIN
        OR NEW.document IS DISTINCT FROM OLD.document
        OR NEW.issued_at IS DISTINCT FROM OLD.issued_at
        OR NEW.subscription_id IS DISTINCT FROM OLD.subscription_id
-       OR (OLD.status <> 'open' AND NEW.status IS DISTINCT FROM OLD.status) THEN
+       OR NEW.customer_id IS DISTINCT FROM OLD.customer_id
+       OR NEW.renewal_id IS DISTINCT FROM OLD.renewal_id
+       OR NEW.attempt_id IS DISTINCT FROM OLD.attempt_id
+       OR NEW.period_start IS DISTINCT FROM OLD.period_start
+       OR NEW.period_end IS DISTINCT FROM OLD.period_end
+       OR NEW.payment_kind IS DISTINCT FROM OLD.payment_kind
+       OR NEW.due_at IS DISTINCT FROM OLD.due_at
+       -- Only an open invoice settles, once: its status, payment date and reference.
+       OR (OLD.status <> 'open' AND (NEW.status IS DISTINCT FROM OLD.status
+           OR NEW.paid_at IS DISTINCT FROM OLD.paid_at
+           OR NEW.payment_reference IS DISTINCT FROM OLD.payment_reference)) THEN
         RAISE EXCEPTION 'issued invoices are immutable';
     END IF;
     RETURN NEW;

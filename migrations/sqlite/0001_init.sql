@@ -133,14 +133,20 @@ CREATE TABLE invoices (
 );
 CREATE INDEX invoices_subscription ON invoices (subscription_id);
 
--- Issued invoices are never edited: only the status may move (open -> paid | void).
+-- Issued invoices are never edited: an open one settles once (paid | void, with
+-- its payment date and reference); nothing else ever changes.
 CREATE TRIGGER invoices_immutable BEFORE UPDATE ON invoices
 WHEN NEW.number IS NOT OLD.number OR NEW.seq IS NOT OLD.seq OR NEW.series IS NOT OLD.series
   OR NEW.total_minor IS NOT OLD.total_minor OR NEW.subtotal_minor IS NOT OLD.subtotal_minor
   OR NEW.tax_minor IS NOT OLD.tax_minor OR NEW.currency IS NOT OLD.currency
   OR NEW.document IS NOT OLD.document OR NEW.issued_at IS NOT OLD.issued_at
-  OR NEW.subscription_id IS NOT OLD.subscription_id
-  OR (OLD.status <> 'open' AND NEW.status IS NOT OLD.status)
+  OR NEW.subscription_id IS NOT OLD.subscription_id OR NEW.customer_id IS NOT OLD.customer_id
+  OR NEW.renewal_id IS NOT OLD.renewal_id OR NEW.attempt_id IS NOT OLD.attempt_id
+  OR NEW.period_start IS NOT OLD.period_start OR NEW.period_end IS NOT OLD.period_end
+  OR NEW.payment_kind IS NOT OLD.payment_kind OR NEW.due_at IS NOT OLD.due_at
+  -- Only an open invoice settles, once: its status, payment date and reference.
+  OR (OLD.status <> 'open' AND (NEW.status IS NOT OLD.status OR NEW.paid_at IS NOT OLD.paid_at
+      OR NEW.payment_reference IS NOT OLD.payment_reference))
 BEGIN
     SELECT RAISE(ABORT, 'issued invoices are immutable');
 END;

@@ -255,10 +255,18 @@ impl Engine {
         let auto_renew = (work.renewal.kind == RenewalKind::Manual).then(|| {
             AutoRenew::after_manual_renewal(!work.renewal.auto_renew_after.unwrap_or(true))
         });
+        // A continuing term may only follow the period it was opened for;
+        // a new anchor (purchase, renewal after expiry) follows what was read.
+        let fresh = work.renewal.kind == RenewalKind::Purchase || sub.status == Status::Expired;
+        let expect_end = if fresh {
+            sub.current_period_end
+        } else {
+            Some(work.renewal.period_start)
+        };
         SubscriptionPatch {
             id: sub.id,
             expect_status: vec![sub.status],
-            expect_period_end: Some(sub.current_period_end),
+            expect_period_end: Some(expect_end),
             status: Some(status),
             period: Some(period),
             auto_renew,
@@ -467,7 +475,16 @@ impl Engine {
             "{}",
             if purchase { "purchase paid" } else { "subscription renewed" }
         );
-        if let Err(e) = invoice::write_documents(&self.config.invoice_dir(), &invoice) {
+        // Rendering the PDF and creating two files is blocking work: done on
+        // the blocking pool, so the async workers keep the other renewals in
+        // flight moving meanwhile (renewd bench: it was most of a renewal's
+        // CPU, stalling the runtime).
+        let (dir, doc) = (self.config.invoice_dir(), invoice.clone());
+        let written = tokio::task::spawn_blocking(move || invoice::write_documents(&dir, &doc))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = written {
             // The invoice is committed; its document can be rendered again on demand.
             tracing::error!(invoice_number = %invoice.number, error = %e, "cannot write invoice document");
         }
@@ -740,10 +757,24 @@ impl Engine {
         reason: &'static str,
         now: Timestamp,
     ) -> EngineResult<Outcome> {
+        // A transfer invoice already issued for this period is void: nothing
+        // is owed for a renewal that will not happen.
+        let open = self
+            .store
+            .list_invoices(Some(work.subscription.id))
+            .await?
+            .into_iter()
+            .find(|i| i.renewal_id == Some(work.renewal.id) && i.status == "open");
         self.store
             .apply(
                 Change {
                     lease: Some(lease.clone()),
+                    settle_invoice: open.as_ref().map(|i| crate::store::InvoiceSettlement {
+                        number: i.number.clone(),
+                        status: "void".into(),
+                        paid_at: None,
+                        reference: None,
+                    }),
                     renewal: Some(RenewalPatch {
                         status: RenewalStatus::Skipped,
                         next_attempt_at: None,

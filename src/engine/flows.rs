@@ -250,8 +250,15 @@ impl Engine {
         // An unpaid manual renewal of a subscription that renews itself hands
         // the period back to the automatic flow (the row is unique per
         // period, so failing it would lose the automatic renewal).
-        let hand_back =
-            r.kind == RenewalKind::Manual && sub.status == Status::Active && sub.auto_renew.on;
+        let hand_back = r.kind == RenewalKind::Manual
+            && matches!(sub.status, Status::Active | Status::PastDue)
+            && sub.auto_renew.on;
+        // A past-due subscription whose manual renewal lapsed, with nothing
+        // to hand back to, ends here rather than staying past due.
+        let expire = expire
+            || (r.kind == RenewalKind::Manual
+                && sub.status == Status::PastDue
+                && !sub.auto_renew.on);
         let status = if expire {
             sub.status.on(SubEvent::Expire).ok()
         } else {
@@ -478,14 +485,27 @@ impl Engine {
             token: claim.token,
         };
         let work = self.load(&lease).await?;
+        // Only an invoice still awaited settles its period: a period since
+        // paid otherwise (say, by card) must not be paid again.
+        if work.renewal.status != RenewalStatus::AwaitingTransfer {
+            self.release(&lease, &work, now).await?;
+            return Err(EngineError::Refused(format!(
+                "invoice {number} no longer awaits a transfer (its renewal is {}); nothing recorded",
+                work.renewal.status.as_str()
+            )));
+        }
         let sub = &work.subscription;
         let (period, status) = self.new_term(&work)?;
-        let status = status.ok_or_else(|| {
-            EngineError::Refused(format!(
-                "subscription {} is {} and cannot take this payment",
-                sub.id, sub.status
-            ))
-        })?;
+        let status = match status {
+            Some(s) => s,
+            None => {
+                self.release(&lease, &work, now).await?;
+                return Err(EngineError::Refused(format!(
+                    "subscription {} is {} and cannot take this payment",
+                    sub.id, sub.status
+                )));
+            }
+        };
         let kind = if work.renewal.kind == RenewalKind::Auto {
             MailKind::Receipt
         } else {
@@ -552,6 +572,26 @@ impl Engine {
             "bank transfer recorded"
         );
         Ok(paid)
+    }
+
+    /// Gives a claimed renewal back untouched.
+    async fn release(&self, lease: &Lease, work: &RenewalWork, now: Timestamp) -> EngineResult<()> {
+        self.store
+            .apply(
+                Change {
+                    lease: Some(lease.clone()),
+                    renewal: Some(RenewalPatch {
+                        status: work.renewal.status,
+                        next_attempt_at: work.renewal.next_attempt_at,
+                        note: None,
+                        release: true,
+                    }),
+                    ..Default::default()
+                },
+                now,
+            )
+            .await?;
+        Ok(())
     }
 
     async fn rewrite_documents(&self, number: &str) {
@@ -632,26 +672,6 @@ impl Engine {
             (Status::Expired, _) | (_, None) => (now, 1),
             (_, Some(end)) => (end, sub.term + 1),
         };
-        if let Some(pm) = payment {
-            self.store
-                .apply(
-                    Change {
-                        subscription: Some(SubscriptionPatch {
-                            id,
-                            expect_status: vec![sub.status],
-                            payment: Some(pm.clone()),
-                            ..Default::default()
-                        }),
-                        events: vec![NewEvent {
-                            outcome: Some(pm.kind().into()),
-                            ..NewEvent::new("payment_method.updated", &sub)
-                        }],
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .await?;
-        }
         let claim = self.new_claim(now);
         let opened = self
             .store
@@ -677,7 +697,12 @@ impl Engine {
             }
             Opened::Busy => {
                 return Err(EngineError::Refused(format!(
-                    "a renewal of subscription {id} for this period is being processed right now; check `renewd subscription show {id}` in a minute"
+                    "a renewal of subscription {id} is being processed right now or is already in progress; check `renewd subscription show {id}` and `renewd invoice list --subscription {id}`"
+                )))
+            }
+            Opened::AwaitingTransfer => {
+                return Err(EngineError::Refused(format!(
+                    "subscription {id} already has an open invoice for this period; record the transfer with `renewd invoice mark-paid` or let it lapse"
                 )))
             }
         };
@@ -685,6 +710,29 @@ impl Engine {
             renewal_id: renewal.id,
             token: claim.token,
         };
+        // The new payment method is stored only once the renewal is ours, so
+        // a refused renewal changes nothing.
+        if let Some(pm) = payment {
+            self.store
+                .apply(
+                    Change {
+                        lease: Some(lease.clone()),
+                        subscription: Some(SubscriptionPatch {
+                            id,
+                            expect_status: vec![sub.status],
+                            payment: Some(pm.clone()),
+                            ..Default::default()
+                        }),
+                        events: vec![NewEvent {
+                            outcome: Some(pm.kind().into()),
+                            ..NewEvent::new("payment_method.updated", &sub)
+                        }],
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
+        }
         let outcome = self.process(&lease, now).await?;
         let (invoice, problem) = outcome_result(id, outcome);
         Ok(FlowResult {
@@ -709,6 +757,20 @@ impl Engine {
             )));
         }
         let pm = self.card_method(card, expiry).await?;
+        // A period already asked for by transfer is paid by that transfer (or
+        // lapses): switching it to a card could pay it twice.
+        if let Some(open) = self
+            .store
+            .list_invoices(Some(id))
+            .await?
+            .into_iter()
+            .find(|i| i.status == "open")
+        {
+            return Err(EngineError::Refused(format!(
+                "subscription {id} has invoice {} awaiting a bank transfer; record it with `renewd invoice mark-paid` or let it lapse before switching to a card",
+                open.number
+            )));
+        }
         let now = self.now();
         self.store
             .apply(
@@ -937,6 +999,11 @@ impl Engine {
                 now,
             )
             .await?;
+        for inv in self.store.list_invoices(Some(sub.id)).await? {
+            if inv.status == "void" {
+                self.rewrite_documents(&inv.number).await;
+            }
+        }
         tracing::info!(subscription_id = sub.id, customer_id = sub.customer_id, request_id = id, outcome = %resolution, "cancellation request resolved");
         self.request(id).await
     }

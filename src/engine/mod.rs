@@ -41,12 +41,23 @@ pub enum EngineError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("{0}")]
     Internal(String),
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
+
+impl From<StoreError> for EngineError {
+    /// A guarded write that found the data changed (or a renewal busy) is a
+    /// refusal the person can act on, not an internal failure.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => EngineError::Refused(m),
+            other => EngineError::Store(other),
+        }
+    }
+}
 
 pub(crate) fn invalid_input(e: impl std::fmt::Display) -> EngineError {
     EngineError::Invalid(e.to_string())

@@ -7,7 +7,9 @@
 //! All due-date logic reads the database and `now`; a sweep after downtime
 //! catches up on whatever fell due meanwhile.
 
-use futures::stream::{self, StreamExt};
+use std::collections::VecDeque;
+
+use futures::stream::{FuturesUnordered, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 use serde_json::json;
@@ -99,63 +101,104 @@ impl Engine {
     /// The renewal phase alone (claim, charge, invoice, outbox); `pub(crate)`
     /// so `renewd bench` can time it apart from mail delivery.
     pub(crate) async fn renewals(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
+        let lead =
+            SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
+        let batch_size = self.config.raw.renewal.batch_size;
+        let concurrency = self.config.raw.renewal.concurrency.max(1);
+        // Batches are claimed as the workers run out of work: the next batch
+        // is claimed while the last renewals of the previous one are still at
+        // the gateway, so `concurrency` calls stay in flight from the first
+        // renewal to the last. (Claiming only once a whole batch had finished
+        // left the workers idle at every batch's tail: renewd bench,
+        // "gateway-bound".) The claim and the renewals in flight are polled
+        // together, since a claim waits for the store's writer, which a
+        // renewal in flight may hold. A failed claim stops claiming; the
+        // renewals in flight finish before the error is returned.
+        let mut in_flight = FuturesUnordered::new();
+        let mut queue: VecDeque<Lease> = VecDeque::new();
+        let mut claiming = None;
+        let mut claimed_any = false;
+        let mut exhausted = false;
+        let mut claim_error = None;
         loop {
-            // Opened again on every round: a renewal that succeeded may leave a
-            // period end still in the past (renewd was down for over a year),
-            // and that next period is due in this same sweep.
-            let lead =
-                SignedDuration::from_hours(24 * i64::from(self.config.raw.bank_transfer.lead_days));
-            self.store.open_due_renewals(now, lead).await?;
-            // The lease runs from when it is taken, not from the start of the
-            // sweep, so a long sweep never hands out already-expired claims.
-            let claim = self.new_claim(self.now().max(now));
-            let ids = self
-                .store
-                .claim_renewals(now, &claim, self.config.raw.renewal.batch_size)
-                .await?;
-            if ids.is_empty() {
-                return Ok(());
+            while in_flight.len() < concurrency {
+                let Some(lease) = queue.pop_front() else {
+                    break;
+                };
+                in_flight.push(self.process_lease(lease, now));
             }
-            let results: Vec<_> = stream::iter(ids)
-                .map(|id| {
-                    let lease = Lease {
-                        renewal_id: id,
-                        token: claim.token.clone(),
-                    };
-                    async move { (id, self.process(&lease, now).await) }
-                })
-                .buffer_unordered(self.config.raw.renewal.concurrency)
-                .collect()
-                .await;
-            for (id, r) in results {
-                match r {
-                    Ok(Outcome::Renewed(_)) => {
-                        s.renewed += 1;
-                        s.invoices_issued += 1;
+            if queue.is_empty() && claiming.is_none() && !exhausted {
+                claiming = Some(Box::pin(self.claim_batch(now, lead, batch_size)));
+            }
+            if in_flight.is_empty() && claiming.is_none() {
+                break;
+            }
+            tokio::select! {
+                Some((id, r)) = in_flight.next(), if !in_flight.is_empty() => tally(s, id, r),
+                claimed = async {
+                    match claiming.as_mut() {
+                        Some(claim) => claim.await,
+                        None => std::future::pending().await,
                     }
-                    Ok(Outcome::Declined { retry_at, .. }) => {
-                        s.declined += 1;
-                        if retry_at.is_some() {
-                            s.retry_scheduled += 1;
+                }, if claiming.is_some() => {
+                    claiming = None;
+                    match claimed {
+                        Ok(leases) if leases.is_empty() => {
+                            // Nothing left now; once the renewals in flight
+                            // are done, one more round looks again, for
+                            // periods they left due (renewd was down for
+                            // over a year).
+                            exhausted = true;
+                        }
+                        Ok(leases) => {
+                            claimed_any = true;
+                            queue.extend(leases);
+                        }
+                        Err(e) => {
+                            exhausted = true;
+                            claim_error = Some(e);
                         }
                     }
-                    Ok(Outcome::Expired { declined }) => {
-                        s.declined += u32::from(declined);
-                        s.expired += 1;
-                    }
-                    Ok(Outcome::Issued(_)) => s.invoices_issued += 1,
-                    Ok(Outcome::Unknown) => s.unknown += 1,
-                    Ok(Outcome::Skipped) => s.skipped += 1,
-                    Err(e) => {
-                        // The lease stays until it expires, so this renewal is
-                        // not retried in a tight loop; the next sweep after the
-                        // lease runs out takes it up again.
-                        s.errors += 1;
-                        tracing::error!(renewal_id = id, error = %e, "renewal failed; will be taken up again when its lease expires");
-                    }
                 }
+                else => break,
+            }
+            if exhausted && in_flight.is_empty() && claim_error.is_none() && claimed_any {
+                exhausted = false;
+                claimed_any = false;
             }
         }
+        match claim_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens what fell due and claims the next batch of it.
+    async fn claim_batch(
+        &self,
+        now: Timestamp,
+        lead: SignedDuration,
+        batch_size: u32,
+    ) -> EngineResult<Vec<Lease>> {
+        // Opened again on every round: a renewal that succeeded may leave a
+        // period end still in the past (renewd was down for over a year),
+        // and that next period is due in this same sweep.
+        self.store.open_due_renewals(now, lead).await?;
+        // The lease runs from when it is taken, not from the start of the
+        // sweep, so a long sweep never hands out already-expired claims.
+        let claim = self.new_claim(self.now().max(now));
+        let ids = self.store.claim_renewals(now, &claim, batch_size).await?;
+        Ok(ids
+            .into_iter()
+            .map(|id| Lease {
+                renewal_id: id,
+                token: claim.token.clone(),
+            })
+            .collect())
+    }
+
+    async fn process_lease(&self, lease: Lease, now: Timestamp) -> (i64, EngineResult<Outcome>) {
+        (lease.renewal_id, self.process(&lease, now).await)
     }
 
     /// Subscriptions whose period ended with no renewal in progress: those
@@ -182,18 +225,10 @@ impl Engine {
                 return Ok(());
             };
             after = last.0.id;
+            let mut closing = Vec::new();
             for (sub, customer) in &batch {
                 if sub.cancel_at_period_end {
-                    match self
-                        .close_period(sub, customer, SubEvent::Cancel, now)
-                        .await
-                    {
-                        Ok(()) => s.cancelled += 1,
-                        Err(e) => {
-                            s.errors += 1;
-                            tracing::error!(subscription_id = sub.id, error = %e, "cannot cancel subscription");
-                        }
-                    }
+                    closing.push((sub, customer, SubEvent::Cancel));
                     continue;
                 }
                 if sub.auto_renew.on {
@@ -210,18 +245,39 @@ impl Engine {
                     );
                     continue;
                 }
-                match self
-                    .close_period(sub, customer, SubEvent::Expire, now)
-                    .await
-                {
-                    Ok(()) => s.expired += 1,
-                    Err(e) => {
-                        s.errors += 1;
-                        tracing::error!(subscription_id = sub.id, error = %e, "cannot expire subscription");
+                closing.push((sub, customer, SubEvent::Expire));
+            }
+            // Each subscription is closed in its own transaction, several at
+            // once so that their commits share a flush (one after another,
+            // every expiry waited for its own fsync: renewd bench, "time travel").
+            let mut closed = FuturesUnordered::new();
+            for (sub, customer, event) in closing {
+                closed.push(self.close_one(sub, customer, event, now));
+                if closed.len() >= self.config.raw.renewal.concurrency.max(1) {
+                    if let Some(r) = closed.next().await {
+                        count_closed(s, r);
                     }
                 }
             }
+            while let Some(r) = closed.next().await {
+                count_closed(s, r);
+            }
         }
+    }
+
+    async fn close_one(
+        &self,
+        sub: &Subscription,
+        customer: &Customer,
+        event: SubEvent,
+        now: Timestamp,
+    ) -> (i64, bool, EngineResult<()>) {
+        let cancel = matches!(event, SubEvent::Cancel);
+        (
+            sub.id,
+            cancel,
+            self.close_period(sub, customer, event, now).await,
+        )
     }
 
     /// Ends a subscription whose period is over and that has no renewal
@@ -341,41 +397,76 @@ impl Engine {
                 return Ok((queued, errors));
             };
             after = last.0.id;
+            let mut offers = Vec::new();
             for (sub, customer) in batch.iter().filter(|(s, _)| !s.cancel_at_period_end) {
-                for (kind, offset, ctx) in f(sub, customer) {
-                    let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
-                    let change = Change {
-                        mails: vec![self.new_mail(sub, customer, kind, period_key, offset, ctx)],
-                        events: vec![NewEvent {
-                            outcome: Some("queued".into()),
-                            detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
-                            ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
-                        }],
-                        only_if_mail_is_new: true,
-                        ..Default::default()
-                    };
-                    match self.store.apply(change, now).await {
-                        Ok(a) if a.applied => {
-                            queued += 1;
-                            tracing::info!(
-                                subscription_id = sub.id,
-                                customer_id = sub.customer_id,
-                                period_end = %fmt_opt(sub.current_period_end),
-                                mail_kind = kind.as_str(),
-                                offset_days = offset,
-                                outcome = "queued",
-                                "notice queued"
-                            );
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            errors += 1;
-                            tracing::error!(subscription_id = sub.id, error = %e, "cannot queue notice");
-                        }
+                let notices = f(sub, customer);
+                if !notices.is_empty() {
+                    offers.push((sub, customer, notices));
+                }
+            }
+            // Several subscriptions at once, so that their commits share a
+            // flush (one after another, every notice waited for its own
+            // fsync: renewd bench, "time travel"). One subscription's notices
+            // stay in order.
+            let mut queuing = FuturesUnordered::new();
+            for (sub, customer, notices) in offers {
+                queuing.push(self.queue_notices(sub, customer, notices, now));
+                if queuing.len() >= self.config.raw.renewal.concurrency.max(1) {
+                    if let Some((q, e)) = queuing.next().await {
+                        queued += q;
+                        errors += e;
                     }
                 }
             }
+            while let Some((q, e)) = queuing.next().await {
+                queued += q;
+                errors += e;
+            }
         }
+    }
+
+    /// Queues one subscription's notices, in order; returns (queued, errors).
+    async fn queue_notices(
+        &self,
+        sub: &Subscription,
+        customer: &Customer,
+        notices: Vec<(MailKind, i64, serde_json::Value)>,
+        now: Timestamp,
+    ) -> (u32, u32) {
+        let (mut queued, mut errors) = (0, 0);
+        for (kind, offset, ctx) in notices {
+            let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
+            let change = Change {
+                mails: vec![self.new_mail(sub, customer, kind, period_key, offset, ctx)],
+                events: vec![NewEvent {
+                    outcome: Some("queued".into()),
+                    detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
+                    ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
+                }],
+                only_if_mail_is_new: true,
+                ..Default::default()
+            };
+            match self.store.apply(change, now).await {
+                Ok(a) if a.applied => {
+                    queued += 1;
+                    tracing::info!(
+                        subscription_id = sub.id,
+                        customer_id = sub.customer_id,
+                        period_end = %fmt_opt(sub.current_period_end),
+                        mail_kind = kind.as_str(),
+                        offset_days = offset,
+                        outcome = "queued",
+                        "notice queued"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    errors += 1;
+                    tracing::error!(subscription_id = sub.id, error = %e, "cannot queue notice");
+                }
+            }
+        }
+        (queued, errors)
     }
 
     async fn reminders(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
@@ -618,6 +709,52 @@ impl Engine {
             actions,
             mail_queued,
         })
+    }
+}
+
+/// Counts one closed period (cancelled or expired) into the sweep summary.
+fn count_closed(s: &mut SweepSummary, (id, cancel, r): (i64, bool, EngineResult<()>)) {
+    match (cancel, r) {
+        (true, Ok(())) => s.cancelled += 1,
+        (false, Ok(())) => s.expired += 1,
+        (true, Err(e)) => {
+            s.errors += 1;
+            tracing::error!(subscription_id = id, error = %e, "cannot cancel subscription");
+        }
+        (false, Err(e)) => {
+            s.errors += 1;
+            tracing::error!(subscription_id = id, error = %e, "cannot expire subscription");
+        }
+    }
+}
+
+/// Counts one renewal's outcome into the sweep summary.
+fn tally(s: &mut SweepSummary, id: i64, r: EngineResult<Outcome>) {
+    match r {
+        Ok(Outcome::Renewed(_)) => {
+            s.renewed += 1;
+            s.invoices_issued += 1;
+        }
+        Ok(Outcome::Declined { retry_at, .. }) => {
+            s.declined += 1;
+            if retry_at.is_some() {
+                s.retry_scheduled += 1;
+            }
+        }
+        Ok(Outcome::Expired { declined }) => {
+            s.declined += u32::from(declined);
+            s.expired += 1;
+        }
+        Ok(Outcome::Issued(_)) => s.invoices_issued += 1,
+        Ok(Outcome::Unknown) => s.unknown += 1,
+        Ok(Outcome::Skipped) => s.skipped += 1,
+        Err(e) => {
+            // The lease stays until it expires, so this renewal is not retried
+            // in a tight loop; the next sweep after the lease runs out takes it
+            // up again.
+            s.errors += 1;
+            tracing::error!(renewal_id = id, error = %e, "renewal failed; will be taken up again when its lease expires");
+        }
     }
 }
 

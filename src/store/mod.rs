@@ -525,6 +525,8 @@ pub enum Opened {
     Busy,
     /// The period is already paid.
     AlreadyPaid,
+    /// An open bank-transfer invoice already asks for this period.
+    AwaitingTransfer,
 }
 
 /// A renewal asked for by a person (manual renewal).

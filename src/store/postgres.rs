@@ -74,6 +74,7 @@ enum Finish<T> {
 /// What `open_manual_renewal` found, before the renewal is read back.
 enum Manual {
     AlreadyPaid,
+    AwaitingTransfer,
     Busy,
     Claimed(i64),
 }
@@ -1072,6 +1073,24 @@ impl Store for PgStore {
                 .bind(r.subscription_id)
                 .bind(at(r.period_start))
             };
+            // Serialises manual renewals of one subscription, then refuses a
+            // second one while another period's renewal is still open (say, an
+            // expired subscription's renewal awaiting its transfer).
+            sqlx::query("SELECT id FROM subscriptions WHERE id = $1 FOR UPDATE")
+                .bind(r.subscription_id)
+                .execute(&mut *tx)
+                .await?;
+            let other_open: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM renewals WHERE subscription_id = $1 AND period_start <> $2 \
+                 AND status IN {OPEN_RENEWAL}"
+            ))
+            .bind(r.subscription_id)
+            .bind(at(r.period_start))
+            .fetch_one(&mut *tx)
+            .await?;
+            if other_open > 0 {
+                return Ok(Finish::Rollback(Manual::Busy));
+            }
             let mut existing = find().fetch_optional(&mut *tx).await?;
             let mut created = None;
             if existing.is_none() {
@@ -1099,6 +1118,9 @@ impl Store for PgStore {
                 let until: Option<DateTime<Utc>> = row.try_get("lease_expires_at")?;
                 if status == "succeeded" {
                     return Ok(Finish::Rollback(Manual::AlreadyPaid));
+                }
+                if status == "awaiting_transfer" {
+                    return Ok(Finish::Rollback(Manual::AwaitingTransfer));
                 }
                 if held.is_some() && until.is_some_and(|u| u > at(now)) {
                     return Ok(Finish::Rollback(Manual::Busy));
@@ -1177,6 +1199,7 @@ impl Store for PgStore {
         })?;
         match opened {
             Manual::AlreadyPaid => Ok(Opened::AlreadyPaid),
+            Manual::AwaitingTransfer => Ok(Opened::AwaitingTransfer),
             Manual::Busy => Ok(Opened::Busy),
             Manual::Claimed(id) => {
                 let work = self
@@ -1471,6 +1494,20 @@ impl Store for PgStore {
                 if busy.into_iter().any(|b| b) {
                     return Err(StoreError::Conflict(format!(
                         "a renewal of subscription {sub} is being processed right now; try again in a minute"
+                    )));
+                }
+                // A charge whose outcome is not known yet must be reconciled
+                // first: cancelling now could leave taken money unrecorded.
+                let unsettled: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM payment_attempts a JOIN renewals r ON r.id = a.renewal_id \
+                     WHERE r.subscription_id = $1 AND a.status IN ('pending', 'unknown')",
+                )
+                .bind(sub)
+                .fetch_one(&mut *tx)
+                .await?;
+                if unsettled > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "a charge of subscription {sub} is still being reconciled with the gateway; cancel once it is settled (see `renewd events --subscription {sub}`)"
                     )));
                 }
                 sqlx::query(&format!(

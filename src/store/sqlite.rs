@@ -867,6 +867,20 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Opened> {
         let (_guard, mut tx) = self.write_tx().await?;
+        // Another renewal of this subscription still open for a different
+        // period (say, a manual renewal of an expired subscription awaiting
+        // its transfer): a second one would pay the same year twice.
+        let other_open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM renewals WHERE subscription_id = ? AND period_start <> ? \
+             AND status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer')",
+        )
+        .bind(r.subscription_id)
+        .bind(secs(r.period_start))
+        .fetch_one(&mut *tx)
+        .await?;
+        if other_open > 0 {
+            return Ok(Opened::Busy);
+        }
         let existing = sqlx::query(
             "SELECT id, status, lease_token, lease_expires_at FROM renewals WHERE subscription_id = ? AND period_start = ?",
         )
@@ -891,6 +905,9 @@ impl Store for SqliteStore {
                 let until: Option<i64> = row.try_get("lease_expires_at")?;
                 if status == "succeeded" {
                     return Ok(Opened::AlreadyPaid);
+                }
+                if status == "awaiting_transfer" {
+                    return Ok(Opened::AwaitingTransfer);
                 }
                 if held.is_some() && until.is_some_and(|u| u > secs(now)) {
                     return Ok(Opened::Busy);
@@ -1216,6 +1233,20 @@ impl Store for SqliteStore {
             if busy > 0 {
                 return Err(StoreError::Conflict(format!(
                     "a renewal of subscription {sub} is being processed right now; try again in a minute"
+                )));
+            }
+            // A charge whose outcome is not known yet must be reconciled
+            // first: cancelling now could leave taken money unrecorded.
+            let unsettled: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM payment_attempts a JOIN renewals r ON r.id = a.renewal_id \
+                 WHERE r.subscription_id = ? AND a.status IN ('pending', 'unknown')",
+            )
+            .bind(sub)
+            .fetch_one(&mut *tx)
+            .await?;
+            if unsettled > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "a charge of subscription {sub} is still being reconciled with the gateway; cancel once it is settled (see `renewd events --subscription {sub}`)"
                 )));
             }
             sqlx::query(

@@ -686,3 +686,146 @@ async fn a_japanese_buyer_name_is_kept_in_the_pdf_in_the_japanese_font() {
         "through Adobe's Japanese encoding"
     );
 }
+
+// Interactions between flows. Without these guards a period could be paid
+// by card and by transfer, a charge of unknown outcome could be dropped by
+// a cancellation, or an expired subscription renewed twice for one year.
+
+#[tokio::test]
+async fn a_card_cannot_replace_a_transfer_that_is_already_invoiced() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let r = app.transfer_purchase(c).await;
+    app.engine
+        .mark_paid(&r.invoice.unwrap().number, "REF-1")
+        .await
+        .unwrap();
+    app.run_until("2028-03-05T00:00:00Z", days(1)).await;
+    let switched = app
+        .engine
+        .set_payment_method(r.subscription.id, "pm_card_visa", None)
+        .await;
+    assert!(
+        matches!(switched, Err(EngineError::Refused(ref m)) if m.contains("awaiting a bank transfer")),
+        "{switched:?}"
+    );
+    let renewed = app.renew_by_card(r.subscription.id, "pm_card_visa").await;
+    assert!(
+        matches!(renewed, Err(EngineError::Refused(ref m)) if m.contains("open invoice")),
+        "{renewed:?}"
+    );
+    assert!(
+        app.charges().await.is_empty(),
+        "no card was charged for the invoiced period"
+    );
+}
+
+#[tokio::test]
+async fn turning_auto_renew_off_after_a_transfer_invoice_was_issued_voids_it() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let r = app.transfer_purchase(c).await;
+    let id = r.subscription.id;
+    app.engine
+        .mark_paid(&r.invoice.unwrap().number, "REF-1")
+        .await
+        .unwrap();
+    app.run_until("2028-03-05T00:00:00Z", days(1)).await;
+    let renewal_invoice = app.invoices(id).await.pop().unwrap();
+    assert_eq!(renewal_invoice.status, "open");
+    app.engine.set_auto_renew(id, false).await.unwrap();
+    app.run_until("2028-04-02T00:00:00Z", days(1)).await;
+    assert_eq!(app.invoices(id).await.pop().unwrap().status, "void");
+    assert_eq!(app.sub(id).await.status, Status::Expired);
+    let late = app.engine.mark_paid(&renewal_invoice.number, "REF-2").await;
+    assert!(matches!(late, Err(EngineError::Refused(_))), "{late:?}");
+}
+
+#[tokio::test]
+async fn cancelling_waits_until_a_charge_of_unknown_outcome_is_settled() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    let mut app = app;
+    app.engine.gateway = std::sync::Arc::new(crate::support::LosesAnswers {
+        inner: app.sandbox.clone(),
+        remaining: std::sync::atomic::AtomicU32::new(1),
+    });
+    app.set("2028-04-01T00:00:00Z");
+    assert_eq!(app.sweep().await.unknown, 1);
+    let req = app
+        .engine
+        .open_request(sub.id, "cancel", "leaving")
+        .await
+        .unwrap();
+    let early = app.engine.resolve_request(req.id, CancelAt::Now).await;
+    assert!(
+        matches!(early, Err(EngineError::Refused(ref m)) if m.contains("reconciled")),
+        "{early:?}"
+    );
+    app.set("2028-04-01T00:01:00Z");
+    assert_eq!(app.sweep().await.renewed, 1, "the charge taken is recorded");
+    app.engine
+        .resolve_request(req.id, CancelAt::Now)
+        .await
+        .unwrap();
+    assert_eq!(app.sub(sub.id).await.status, Status::Cancelled);
+    assert_eq!(
+        app.invoices(sub.id).await.len(),
+        2,
+        "the renewal charge kept its invoice"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_subscription_cannot_be_renewed_twice_for_one_year() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.engine.set_auto_renew(sub.id, false).await.unwrap();
+    app.set("2028-04-02T00:00:00Z");
+    app.sweep().await;
+    let by_transfer = || renewd::engine::RenewInput {
+        subscription_id: sub.id,
+        accept_terms: Some("2026-04".into()),
+        bank_transfer: Some(crate::support::contact()),
+        ..Default::default()
+    };
+    let first = app.engine.renew(by_transfer()).await.unwrap();
+    assert_eq!(first.invoice.as_ref().unwrap().status, "open");
+    app.set("2028-04-02T01:00:00Z");
+    let second = app.engine.renew(by_transfer()).await;
+    assert!(
+        matches!(second, Err(EngineError::Refused(ref m)) if m.contains("already in progress")),
+        "{second:?}"
+    );
+    let by_card = app.renew_by_card(sub.id, "pm_card_visa").await;
+    assert!(
+        matches!(by_card, Err(EngineError::Refused(_))),
+        "{by_card:?}"
+    );
+    assert_eq!(app.charges().await.len(), 1, "only the purchase");
+}
+
+#[tokio::test]
+async fn a_refused_manual_renewal_leaves_the_payment_method_alone() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    app.set("2028-04-01T00:00:00Z");
+    let store = app.engine.store.clone();
+    store
+        .open_due_renewals(app.now(), jiff::SignedDuration::ZERO)
+        .await
+        .unwrap();
+    let claim = renewd::store::Claim {
+        token: "worker".into(),
+        owner: "w:1".into(),
+        expires_at: t("2028-04-01T00:05:00Z"),
+    };
+    store.claim_renewals(app.now(), &claim, 10).await.unwrap();
+    let r = app.renew_by_card(sub.id, "pm_card_mastercard").await;
+    assert!(matches!(r, Err(EngineError::Refused(_))), "{r:?}");
+    match app.sub(sub.id).await.payment {
+        renewd::store::PaymentMethod::Card { token, .. } => assert_eq!(token, "pm_card_visa"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -25,6 +25,7 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
@@ -68,8 +69,19 @@ const SAVEPOINT: &str = "SAVEPOINT renewd_write";
 const RELEASE: &str = "RELEASE renewd_write";
 const ROLLBACK_TO: &str = "ROLLBACK TO renewd_write; RELEASE renewd_write";
 
-async fn exec(conn: &mut SqliteConnection, sql: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sql).execute(conn).await.map(|_| ())
+/// Runs fixed SQL on the write connection. Boxed with explicit lifetimes:
+/// as a plain `async fn` over sqlx's generic executor, the futures of the
+/// store's methods stop being provably `Send`.
+fn exec<'c>(
+    conn: &'c mut SqliteConnection,
+    sql: &'static str,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        for statement in sql.split(';').map(str::trim).filter(|q| !q.is_empty()) {
+            sqlx::query(statement).execute(&mut *conn).await?;
+        }
+        Ok(())
+    })
 }
 
 fn failed(why: &str) -> StoreError {
@@ -238,5 +250,93 @@ impl Deref for WriteTx<'_> {
 impl DerefMut for WriteTx<'_> {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         &mut self.state.conn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+    use sqlx::Connection;
+
+    async fn setup(dir: &tempfile::TempDir) -> (Arc<GroupCommit>, SqliteConnectOptions) {
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("g.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let g = GroupCommit::open(&options).await.unwrap();
+        let mut tx = g.begin().await.unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        (Arc::new(g), options)
+    }
+
+    /// What another connection sees: only what was committed.
+    async fn committed(options: &SqliteConnectOptions) -> Vec<i64> {
+        let mut conn = options.connect().await.unwrap();
+        let ids = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        ids
+    }
+
+    async fn insert(g: &GroupCommit, id: i64) -> WriteTx<'_> {
+        let mut tx = g.begin().await.unwrap();
+        sqlx::query("INSERT INTO t (id) VALUES (?)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+
+    #[tokio::test]
+    async fn every_commit_that_returned_is_visible_to_other_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        let writers: Vec<_> = (1..=40)
+            .map(|id| {
+                let g = g.clone();
+                tokio::spawn(async move { insert(&g, id).await.commit().await })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(committed(&options).await, (1..=40).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_writer_dropped_mid_way_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        insert(&g, 1).await.commit().await.unwrap();
+        drop(insert(&g, 2).await);
+        insert(&g, 3).await.rollback().await.unwrap();
+        insert(&g, 4).await.commit().await.unwrap();
+        assert_eq!(committed(&options).await, vec![1, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_dropped_writer_does_not_keep_the_database_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        drop(insert(&g, 1).await);
+        // Another connection can write: the flusher ended the empty batch.
+        let mut other = options.connect().await.unwrap();
+        let mut tx = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO t (id) VALUES (9)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        other.close().await.unwrap();
+        assert_eq!(committed(&options).await, vec![9]);
     }
 }
