@@ -314,7 +314,7 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
     let plan = Plan::for_size(args.size);
     let load_at_start = loadavg();
-    let backend = Backend::from_args(args)?;
+    let backend = Backend::connect(args).await?;
     let work = WorkDir::create(args.dir.clone().unwrap_or_else(std::env::temp_dir))?;
     let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
 
@@ -332,8 +332,9 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
     };
     for &n in &renewal_sizes {
         eprintln!("bench: renewal throughput over {n} due renewals ...");
-        let dir = work.sub(&format!("renew-{n}"))?;
-        let setup = Setup::new(&backend, &dir, 0, args.concurrency)?;
+        let line = format!("renew_{n}");
+        let dir = work.sub(&line)?;
+        let setup = Setup::new(&backend, &dir, &line, 0, args.concurrency).await?;
         seed_due(&setup, n).await?;
         renewal_throughput.push(spawn_child_sweep(&setup, DUE_NOW).await?);
         setup.cleanup().await;
@@ -343,7 +344,8 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
     if wanted(Section::Gateway) {
         eprintln!("bench: gateway-bound throughput ...");
         let dir = work.sub("gateway")?;
-        let setup = Setup::new(&backend, &dir, args.latency_ms, args.concurrency)?;
+        let setup =
+            Setup::new(&backend, &dir, "gateway", args.latency_ms, args.concurrency).await?;
         seed_due(&setup, plan.gateway_size).await?;
         gateway_bound = Some(spawn_child_sweep(&setup, DUE_NOW).await?);
         setup.cleanup().await;
@@ -353,7 +355,7 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
     if wanted(Section::Empty) {
         eprintln!("bench: empty sweeps ...");
         let dir = work.sub("empty")?;
-        let setup = Setup::new(&backend, &dir, 0, args.concurrency)?;
+        let setup = Setup::new(&backend, &dir, "empty", 0, args.concurrency).await?;
         empty_sweep = empty_sweeps(&setup, &plan).await?;
         setup.cleanup().await;
     }
@@ -365,7 +367,7 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
             plan.year_size
         );
         let dir = work.sub("year")?;
-        let setup = Setup::new(&backend, &dir, 0, args.concurrency)?;
+        let setup = Setup::new(&backend, &dir, "year", 0, args.concurrency).await?;
         year = Some(time_travel(&setup, plan.year_size).await?);
         setup.cleanup().await;
     }
@@ -383,7 +385,7 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
     };
     let mut report = Report {
         size: args.size,
-        backend: backend.name().into(),
+        backend: backend.name(),
         concurrency: args.concurrency,
         latency_ms: args.latency_ms,
         machine,
@@ -398,6 +400,7 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
     };
     report.lines = lines(&report, &plan);
     report.wall_seconds = started.elapsed().as_secs_f64();
+    backend.drop_databases().await;
     drop(work);
     Ok(report)
 }
@@ -406,7 +409,7 @@ fn lines(r: &Report, plan: &Plan) -> Vec<Line> {
     let judge = |ok: bool| plan.full.then_some(ok);
     let raw = r.raw_limit.per_second;
     let mut out = vec![Line {
-        name: "raw limit: durable write tx/s (one-row UPDATE, WAL, synchronous=FULL)".into(),
+        name: "raw limit: durable write tx/s (one client, one-row UPDATE)".into(),
         measured: format!("{raw:.0} tx/s"),
         baseline: format!(
             "{} tx in {:.1} s",
@@ -529,22 +532,38 @@ fn errors_note(s: &Counts) -> String {
 // Backends and set-up
 
 /// Where the bench's databases live.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Backend {
     /// A fresh SQLite file per line, with the store's own settings.
     Sqlite,
-    /// A PostgreSQL server; each line gets its own temporary database.
-    Postgres { server_url: String },
+    /// A PostgreSQL server; each line gets its own temporary database,
+    /// dropped at the end.
+    Postgres {
+        server_url: String,
+        /// `synchronous_commit` and `fsync` as the server runs them.
+        settings: String,
+        created: std::sync::Mutex<Vec<String>>,
+    },
 }
 
 impl Backend {
-    fn from_args(args: &BenchArgs) -> anyhow::Result<Backend> {
+    async fn connect(args: &BenchArgs) -> anyhow::Result<Backend> {
         match args.database_url.as_deref() {
             None => Ok(Backend::Sqlite),
             Some(u) if u.starts_with("sqlite:") => Ok(Backend::Sqlite),
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                let mut conn = sqlx::PgConnection::connect(u).await.with_context(|| {
+                    format!("cannot connect to {}", crate::config::redact_url(u))
+                })?;
+                let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+                    .fetch_one(&mut conn)
+                    .await?;
+                let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&mut conn).await?;
+                conn.close().await?;
                 Ok(Backend::Postgres {
                     server_url: u.to_string(),
+                    settings: format!("synchronous_commit={sync}, fsync={fsync}"),
+                    created: std::sync::Mutex::new(Vec::new()),
                 })
             }
             Some(u) => bail!(
@@ -554,17 +573,77 @@ impl Backend {
         }
     }
 
-    fn name(&self) -> &'static str {
+    fn name(&self) -> String {
         match self {
-            Backend::Sqlite => "sqlite (WAL, synchronous=FULL)",
-            Backend::Postgres { .. } => "postgresql",
+            Backend::Sqlite => "sqlite (WAL, synchronous=FULL)".into(),
+            Backend::Postgres { settings, .. } => format!("postgresql ({settings})"),
         }
     }
 
-    /// Durable one-row write transactions per second, one after another on
-    /// one connection, with the settings the store uses.
-    async fn raw_limit(&self, dir: &Path, duration: Duration) -> anyhow::Result<RawLimit> {
+    fn is_postgres(&self) -> bool {
+        matches!(self, Backend::Postgres { .. })
+    }
+
+    /// The database URL of a line: a file in its directory, or a new
+    /// database on the server.
+    async fn database_for(&self, dir: &Path, line: &str) -> anyhow::Result<String> {
         match self {
+            Backend::Sqlite => Ok(format!("sqlite://{}", dir.join("renewd.db").display())),
+            Backend::Postgres {
+                server_url,
+                created,
+                ..
+            } => {
+                let name = format!("renewd_bench_{}_{line}", std::process::id())
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+                let mut conn = sqlx::PgConnection::connect(server_url).await?;
+                sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await?;
+                created
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(name.clone());
+                Ok(with_database(server_url, &name))
+            }
+        }
+    }
+
+    /// Drops the databases the bench created (best effort).
+    async fn drop_databases(&self) {
+        let Backend::Postgres {
+            server_url,
+            created,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let names = std::mem::take(
+            &mut *created
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if let Ok(mut conn) = sqlx::PgConnection::connect(server_url).await {
+            for name in names {
+                let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Durable one-row write transactions per second with the settings the
+    /// store uses, pgbench-style: one client updating one row, one
+    /// transaction after another (SQLite has one writer anyway; the same
+    /// single client on PostgreSQL keeps the two tables comparable).
+    async fn raw_limit(&self, dir: &Path, duration: Duration) -> anyhow::Result<RawLimit> {
+        let (n, seconds) = match self {
             Backend::Sqlite => {
                 let mut conn = sqlite_options(&dir.join("raw.db")).connect().await?;
                 sqlx::raw_sql(
@@ -585,25 +664,52 @@ impl Backend {
                 }
                 let seconds = started.elapsed().as_secs_f64();
                 conn.close().await?;
-                Ok(RawLimit {
-                    transactions: n,
-                    seconds,
-                    per_second: n as f64 / seconds,
-                })
+                (n, seconds)
             }
-            Backend::Postgres { server_url } => bail!(
-                "{}: {}",
-                crate::config::redact_url(server_url),
-                postgres_pending()
-            ),
-        }
+            Backend::Postgres { .. } => {
+                let url = self.database_for(dir, "raw").await?;
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                sqlx::raw_sql(
+                    "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL); \
+                     INSERT INTO accounts VALUES (1, 0);",
+                )
+                .execute(&mut conn)
+                .await?;
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < duration || n < 50 {
+                    let mut tx = conn.begin().await?;
+                    sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    n += 1;
+                }
+                let seconds = started.elapsed().as_secs_f64();
+                conn.close().await?;
+                (n, seconds)
+            }
+        };
+        Ok(RawLimit {
+            transactions: n,
+            seconds,
+            per_second: n as f64 / seconds,
+        })
     }
 }
 
-fn postgres_pending() -> String {
-    "the PostgreSQL table needs the postgres store adapter (src/store/postgres.rs) and its schema; \
-     until it lands, run the bench without --database-url (SQLite)"
-        .into()
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let host_at = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[host_at..].find('/') {
+        Some(i) => &base[..host_at + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
 }
 
 /// The store's own connection settings (src/store/sqlite.rs), for the raw
@@ -659,26 +765,26 @@ impl Drop for WorkDir {
 struct Setup {
     dir: PathBuf,
     database_url: String,
+    postgres: bool,
     latency_ms: u64,
     concurrency: usize,
     config: Arc<Config>,
 }
 
 impl Setup {
-    fn new(
+    async fn new(
         backend: &Backend,
         dir: &Path,
+        line: &str,
         latency_ms: u64,
         concurrency: usize,
     ) -> anyhow::Result<Setup> {
-        let database_url = match backend {
-            Backend::Sqlite => format!("sqlite://{}", dir.join("renewd.db").display()),
-            Backend::Postgres { .. } => bail!(postgres_pending()),
-        };
+        let database_url = backend.database_for(dir, line).await?;
         let config = bench_config(dir, &database_url, latency_ms, concurrency)?;
         Ok(Setup {
             dir: dir.to_path_buf(),
             database_url,
+            postgres: backend.is_postgres(),
             latency_ms,
             concurrency,
             config,
@@ -736,8 +842,11 @@ const IDLE_NOW: &str = "2027-01-01T00:00:00Z";
 /// The first day of the simulated year.
 const YEAR_START: &str = "2027-01-01T00:00:00Z";
 
+/// A customer profile: time zone, locale, country, currency.
+type Zone = (&'static str, &'static str, &'static str, &'static str);
+
 /// Customer time zones, spread round-robin over the seeded subscriptions.
-const ZONES: [(&str, &str, &str, &str); 4] = [
+const ZONES: [Zone; 4] = [
     ("UTC", "en", "US", "USD"),
     ("Asia/Tokyo", "ja", "JP", "JPY"),
     ("America/New_York", "en", "US", "USD"),
@@ -757,32 +866,41 @@ enum Mix {
     Year,
 }
 
-/// The `subscriptions` columns each mix writes, as SQL over `g.k`
-/// (= id mod 100) and the calendar row `c`.
-fn subscription_select(mix: Mix) -> String {
+/// The `subscriptions` columns each mix writes, as SQL over `g.i` (the
+/// id), `g.k` (= id mod 100) and the calendar row `c`; `pg` writes flags as
+/// booleans (PostgreSQL) instead of 0 and 1 (SQLite).
+fn subscription_select(mix: Mix, pg: bool) -> String {
+    let flag = |on: bool| match (pg, on) {
+        (true, true) => "true",
+        (true, false) => "false",
+        (false, true) => "1",
+        (false, false) => "0",
+    };
+    let (t, f) = (flag(true), flag(false));
     let (status, auto, token, last4, expiry, kind, cancel) = match mix {
         Mix::DueCards => (
             "'active'".to_string(),
-            "1".to_string(),
+            t.to_string(),
             "'pm_card_visa'".to_string(),
             "'4242'".to_string(),
             "'2031-12'".to_string(),
             "'card'".to_string(),
-            "0".to_string(),
+            f.to_string(),
         ),
         Mix::Idle => (
-            "CASE WHEN g.k < 85 THEN 'active' WHEN g.k < 93 THEN 'expired' ELSE 'cancelled' END".into(),
-            "CASE WHEN g.k < 70 THEN 1 ELSE 0 END".into(),
+            "CASE WHEN g.k < 85 THEN 'active' WHEN g.k < 93 THEN 'expired' ELSE 'cancelled' END"
+                .into(),
+            format!("CASE WHEN g.k < 70 THEN {t} ELSE {f} END"),
             "'pm_card_visa'".into(),
             "'4242'".into(),
             "'2031-12'".into(),
             "'card'".into(),
-            "0".into(),
+            f.to_string(),
         ),
         Mix::Year => (
             "'active'".into(),
             // 60-74: auto-renewal turned off (reminders, then expiry).
-            "CASE WHEN g.k >= 60 AND g.k < 75 THEN 0 ELSE 1 END".into(),
+            format!("CASE WHEN g.k >= 60 AND g.k < 75 THEN {f} ELSE {t} END"),
             // 75-79 soft declines (dunning, then expiry), 80-82 hard declines.
             "CASE WHEN g.k >= 88 AND g.k < 95 THEN NULL \
                   WHEN g.k >= 75 AND g.k < 80 THEN 'pm_card_chargeDeclinedInsufficientFunds' \
@@ -798,10 +916,13 @@ fn subscription_select(mix: Mix) -> String {
             // 88-94: bank transfer (an open invoice ahead, never paid here).
             "CASE WHEN g.k >= 88 AND g.k < 95 THEN 'bank_transfer' ELSE 'card' END".into(),
             // 95-99: cancelled at period end through a request.
-            "CASE WHEN g.k >= 95 THEN 1 ELSE 0 END".into(),
+            format!("CASE WHEN g.k >= 95 THEN {t} ELSE {f} END"),
         ),
     };
     let is_card = format!("({kind}) = 'card'");
+    // PostgreSQL: the terms acceptance points back at the subscription only
+    // through the subscription (its own column is left empty: the foreign
+    // key would need the subscription first).
     format!(
         "SELECT g.i, g.i, 'action-pack', {status}, {auto}, {auto}, c.anchor, 1, c.start_s, c.end_s, {kind}, \
          {token}, CASE WHEN {is_card} THEN 'visa' END, {last4}, {expiry}, \
@@ -810,6 +931,74 @@ fn subscription_select(mix: Mix) -> String {
          CASE WHEN {is_card} THEN NULL ELSE 'ap' || g.i || '@example.com' END, \
          g.i, {cancel}, CASE WHEN ({status}) = 'cancelled' THEN c.start_s END, c.start_s, c.start_s"
     )
+}
+
+/// (zone index, day index, anchor date, period start, period end in unix seconds).
+type CalendarRow = (i64, i64, String, i64, i64);
+
+/// One calendar row per zone and day: the anchor and the instants the
+/// engine itself computes for term 1 (which ends on anchor + 1 year).
+fn calendar(setup: &Setup, first_end: Date, span_days: i64) -> anyhow::Result<Vec<CalendarRow>> {
+    let local = setup.config.local_time;
+    let mut rows = Vec::new();
+    for (z, (zone, ..)) in ZONES.iter().enumerate() {
+        let tz = TimeZone::get(zone)?;
+        for d in 0..span_days {
+            let end_date = first_end.checked_add(d.days())?;
+            let anchor = end_date.checked_sub(1.year())?;
+            let start = term::period_end(anchor, 0, &tz, local)?;
+            let end = term::period_end(anchor, 1, &tz, local)?;
+            rows.push((
+                i64::try_from(z)?,
+                d,
+                anchor.to_string(),
+                start.as_second(),
+                end.as_second(),
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// The INSERT statements that seed customers, terms acceptances and
+/// subscriptions from `cte` (which defines `g`) and `bench_calendar`.
+fn seed_statements(setup: &Setup, cte: &str, mix: Mix) -> Vec<String> {
+    let pg = setup.postgres;
+    let overriding = if pg { "OVERRIDING SYSTEM VALUE" } else { "" };
+    let zone_case = |pick: fn(&Zone) -> &'static str| {
+        let arms: String = ZONES
+            .iter()
+            .enumerate()
+            .map(|(z, row)| format!(" WHEN {z} THEN '{}'", pick(row)))
+            .collect();
+        format!("CASE g.z{arms} END")
+    };
+    let join = "FROM g JOIN bench_calendar c ON c.z = g.z AND c.d = g.d";
+    vec![
+        format!(
+            "{cte} INSERT INTO customers (id, name, email, timezone, locale, country, currency, created_at) \
+             {overriding} SELECT g.i, 'Bench Customer ' || g.i, 'customer' || g.i || '@example.com', \
+             {}, {}, {}, {}, c.start_s {join}",
+            zone_case(|r| r.0),
+            zone_case(|r| r.1),
+            zone_case(|r| r.2),
+            zone_case(|r| r.3)
+        ),
+        format!(
+            "{cte} INSERT INTO terms_acceptances (id, customer_id, subscription_id, version, accepted_at, context) \
+             {overriding} SELECT g.i, g.i, {}, '{}', c.start_s, 'purchase' {join}",
+            if pg { "NULL" } else { "g.i" },
+            setup.config.raw.terms.current
+        ),
+        format!(
+            "{cte} INSERT INTO subscriptions (id, customer_id, plan, status, auto_renew, auto_renew_can_enable, \
+             anchor_date, term, current_period_start, current_period_end, payment_kind, card_token, card_brand, \
+             card_last4, card_expiry, contact_name, contact_phone, contact_email, terms_acceptance_id, \
+             cancel_at_period_end, cancelled_at, created_at, updated_at) \
+             {overriding} {} {join}",
+            subscription_select(mix, pg)
+        ),
+    ]
 }
 
 /// Seeds subscriptions `first..first + n` (ids, customer ids and terms
@@ -828,10 +1017,53 @@ async fn seed(
     }
     // Migrations first, as the store applies them.
     drop(crate::startup::open_store(&setup.config).await?);
+    let rows = calendar(setup, first_end, span_days)?;
+    let (lo, hi) = (i64::try_from(first)?, i64::try_from(first + n - 1)?);
+    let zones = ZONES.len();
+    let pick = format!("i % {zones} AS z, (i * 7919) % {span_days} AS d, i % 100 AS k");
+    if setup.postgres {
+        let mut conn = sqlx::PgConnection::connect(&setup.database_url).await?;
+        let mut tx = conn.begin().await?;
+        sqlx::raw_sql(
+            "CREATE TEMP TABLE bench_calendar (z bigint, d bigint, anchor date, start_s timestamptz, \
+             end_s timestamptz, PRIMARY KEY (z, d)) ON COMMIT DROP",
+        )
+        .execute(&mut *tx)
+        .await?;
+        for (z, d, anchor, start, end) in &rows {
+            sqlx::query(
+                "INSERT INTO bench_calendar VALUES ($1, $2, $3::date, to_timestamp($4), to_timestamp($5))",
+            )
+            .bind(z)
+            .bind(d)
+            .bind(anchor)
+            .bind(*start as f64)
+            .bind(*end as f64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let cte = format!(
+            "WITH g AS (SELECT i, {pick} FROM generate_series({lo}::bigint, {hi}::bigint) AS s(i))"
+        );
+        for sql in seed_statements(setup, &cte, mix) {
+            sqlx::raw_sql(&sql).execute(&mut *tx).await?;
+        }
+        for table in ["customers", "terms_acceptances", "subscriptions"] {
+            sqlx::raw_sql(&format!(
+                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        sqlx::raw_sql("ANALYZE").execute(&mut conn).await?;
+        conn.close().await?;
+        return Ok(());
+    }
     let path = setup
         .database_url
         .strip_prefix("sqlite://")
-        .ok_or_else(|| anyhow::anyhow!(postgres_pending()))?;
+        .unwrap_or(&setup.database_url);
     let mut conn = sqlite_options(Path::new(path)).connect().await?;
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::raw_sql(
@@ -840,71 +1072,21 @@ async fn seed(
     )
     .execute(&mut *tx)
     .await?;
-    // The calendar: for every zone and day, the anchor and period instants
-    // the engine itself would compute (term 1 ends on anchor + 1 year).
-    let local = setup.config.local_time;
-    for (z, (zone, ..)) in ZONES.iter().enumerate() {
-        let tz = TimeZone::get(zone)?;
-        for d in 0..span_days {
-            let end_date = first_end.checked_add(d.days())?;
-            let anchor = end_date.checked_sub(1.year())?;
-            let start = term::period_end(anchor, 0, &tz, local)?;
-            let end = term::period_end(anchor, 1, &tz, local)?;
-            sqlx::query("INSERT INTO bench_calendar VALUES (?, ?, ?, ?, ?)")
-                .bind(z as i64)
-                .bind(d)
-                .bind(anchor.to_string())
-                .bind(start.as_second())
-                .bind(end.as_second())
-                .execute(&mut *tx)
-                .await?;
-        }
+    for (z, d, anchor, start, end) in &rows {
+        sqlx::query("INSERT INTO bench_calendar VALUES (?, ?, ?, ?, ?)")
+            .bind(z)
+            .bind(d)
+            .bind(anchor)
+            .bind(start)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
     }
-    let (lo, hi) = (first as i64, (first + n - 1) as i64);
-    let zones = ZONES.len();
     let cte = format!(
         "WITH RECURSIVE seq(i) AS (SELECT {lo} UNION ALL SELECT i + 1 FROM seq WHERE i < {hi}), \
-         g AS (SELECT i, i % {zones} AS z, (i * 7919) % {span_days} AS d, i % 100 AS k FROM seq)"
+         g AS (SELECT i, {pick} FROM seq)"
     );
-    let zone_case = |col: usize| {
-        let arms: String = ZONES
-            .iter()
-            .enumerate()
-            .map(|(z, row)| {
-                let v = match col {
-                    0 => row.0,
-                    1 => row.1,
-                    2 => row.2,
-                    _ => row.3,
-                };
-                format!(" WHEN {z} THEN '{v}'")
-            })
-            .collect();
-        format!("CASE g.z{arms} END")
-    };
-    let customers = format!(
-        "{cte} INSERT INTO customers (id, name, email, timezone, locale, country, currency, created_at) \
-         SELECT g.i, 'Bench Customer ' || g.i, 'customer' || g.i || '@example.com', {}, {}, {}, {}, c.start_s \
-         FROM g JOIN bench_calendar c ON c.z = g.z AND c.d = g.d",
-        zone_case(0),
-        zone_case(1),
-        zone_case(2),
-        zone_case(3)
-    );
-    let terms = format!(
-        "{cte} INSERT INTO terms_acceptances (id, customer_id, subscription_id, version, accepted_at, context) \
-         SELECT g.i, g.i, g.i, '{}', c.start_s, 'purchase' FROM g JOIN bench_calendar c ON c.z = g.z AND c.d = g.d",
-        setup.config.raw.terms.current
-    );
-    let subscriptions = format!(
-        "{cte} INSERT INTO subscriptions (id, customer_id, plan, status, auto_renew, auto_renew_can_enable, \
-         anchor_date, term, current_period_start, current_period_end, payment_kind, card_token, card_brand, \
-         card_last4, card_expiry, contact_name, contact_phone, contact_email, terms_acceptance_id, \
-         cancel_at_period_end, cancelled_at, created_at, updated_at) \
-         {} FROM g JOIN bench_calendar c ON c.z = g.z AND c.d = g.d",
-        subscription_select(mix)
-    );
-    for sql in [customers, terms, subscriptions] {
+    for sql in seed_statements(setup, &cte, mix) {
         sqlx::raw_sql(&sql).execute(&mut *tx).await?;
     }
     tx.commit().await?;

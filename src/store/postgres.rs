@@ -758,6 +758,49 @@ fn status_list(statuses: &[crate::domain::Status]) -> String {
     }
 }
 
+/// The `AND NOT ...` clause of [`Scan::skip_queued`] (see the SQLite
+/// store's twin). Every value in it is an integer or a mail kind name,
+/// written inline; each probe is one lookup in the outbox's unique
+/// (subscription, period, kind, offset) index.
+fn skip_queued_sql(skip: &QueuedNotice) -> String {
+    let queued = |kind: MailKind, offset: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM outbox o WHERE o.subscription_id = s.id \
+             AND o.period_key = extract(epoch FROM s.current_period_end)::bigint \
+             AND o.kind = '{}' AND {offset})",
+            kind.as_str()
+        )
+    };
+    match skip {
+        QueuedNotice::Reminders { offsets_days, now } => {
+            let arms: Vec<String> = QueuedNotice::reminder_cutoffs(offsets_days, *now)
+                .into_iter()
+                .map(|(d, cutoff)| match cutoff {
+                    Some(c) => format!(
+                        "(o.offset_key = {d} AND s.current_period_end > to_timestamp({c}))"
+                    ),
+                    None => format!("o.offset_key = {d}"),
+                })
+                .collect();
+            if arms.is_empty() {
+                return String::new();
+            }
+            format!(
+                " AND NOT {}",
+                queued(MailKind::RenewalReminder, &format!("({})", arms.join(" OR ")))
+            )
+        }
+        QueuedNotice::Upcoming { days } => format!(
+            " AND NOT ({} AND (s.card_expiry IS NULL \
+               OR (length(s.card_expiry) = 7 AND s.card_expiry >= \
+                   to_char((s.current_period_end AT TIME ZONE 'UTC') + interval '1 day', 'YYYY-MM')) \
+               OR {}))",
+            queued(MailKind::UpcomingRenewal, &format!("o.offset_key = {days}")),
+            queued(MailKind::CardExpiring, "o.offset_key = 0")
+        ),
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> StoreResult<()> {
@@ -1005,6 +1048,9 @@ impl Store for PgStore {
                     " AND NOT EXISTS (SELECT 1 FROM renewals r WHERE r.subscription_id = s.id \
                      AND r.status IN {OPEN_RENEWAL})"
                 ));
+            }
+            if let Some(skip) = &scan.skip_queued {
+                q.push(skip_queued_sql(skip));
             }
             q.push(" ORDER BY s.id LIMIT ")
                 .push_bind(i64::from(scan.limit));
