@@ -233,6 +233,7 @@ impl Report {
                     match l.met {
                         Some(true) => "yes".into(),
                         Some(false) => "NO".into(),
+                        None if l.target.starts_with('-') => "-".into(),
                         None => "n/a (smoke size)".into(),
                     },
                 ]

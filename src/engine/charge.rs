@@ -475,19 +475,10 @@ impl Engine {
             "{}",
             if purchase { "purchase paid" } else { "subscription renewed" }
         );
-        // Rendering the PDF and creating two files is blocking work: done on
-        // the blocking pool, so the async workers keep the other renewals in
-        // flight moving meanwhile (renewd bench: it was most of a renewal's
-        // CPU, stalling the runtime).
-        let (dir, doc) = (self.config.invoice_dir(), invoice.clone());
-        let written = tokio::task::spawn_blocking(move || invoice::write_documents(&dir, &doc))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            // The invoice is committed; its document can be rendered again on demand.
-            tracing::error!(invoice_number = %invoice.number, error = %e, "cannot write invoice document");
-        }
+        // Its documents are rendered when its receipt is mailed (which
+        // attaches the PDF and keeps a copy under STATE_DIR/invoices), after
+        // the commit and off the renewal's path; `renewd invoice download`
+        // renders them from the database at any time.
         Ok(Outcome::Renewed(Box::new(invoice)))
     }
 

@@ -224,7 +224,8 @@ impl Engine {
             .await
             .map_err(|e| MailError::Transient(format!("cannot load invoice {number}: {e}")))?
             .ok_or_else(|| MailError::Build(format!("invoice {number} does not exist")))?;
-        let pdf = crate::invoice::render_pdf(&invoice)
+        let pdf = crate::invoice::render_for_mail(self.config.invoice_dir(), invoice)
+            .await
             .map_err(|e| MailError::Build(format!("cannot render invoice {number}: {e}")))?;
         Ok(vec![Attachment {
             filename: format!("{number}.pdf"),

@@ -142,7 +142,12 @@ impl SandboxGateway {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", ledger.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            // Every commit reaches the OS before `charge` returns, so the
+            // ledger survives renewd being killed (tests/crash); only a power
+            // cut could lose its tail. The sandbox stands in for a processor,
+            // whose own durability is not renewd's cost to pay: at FULL every
+            // charge waited for a flush of its own (renewd bench).
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -259,32 +264,6 @@ impl PaymentGateway for SandboxGateway {
                 "sandbox: injected HTTP 500 before charging".into(),
             ));
         }
-        let _guard = self.write.lock().await;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(infra)?;
-        let existing = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
-            .bind(&req.idempotency_key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(infra)?;
-        if let Some(row) = existing {
-            let same = row.try_get::<String, _>("payment_method").map_err(infra)?
-                == req.payment_method
-                && row.try_get::<i64, _>("amount_minor").map_err(infra)? == req.amount.amount_minor
-                && row.try_get::<String, _>("currency").map_err(infra)?
-                    == req.amount.currency.code();
-            if !same {
-                // Stripe answers 400 idempotency_error; nothing was charged by this request.
-                return Err(GatewayError::HardDecline {
-                    code: "idempotency_error".into(),
-                    message: "Keys for idempotent requests can only be used with the same parameters they were first used with.".into(),
-                });
-            }
-            return Self::stored_result(&row).map_err(infra)?;
-        }
         let (outcome, kind, code) = match test_card(&req.payment_method) {
             _ if every(n, self.faults.decline_every) => {
                 ("declined", Some("soft"), Some("processing_error"))
@@ -294,17 +273,17 @@ impl PaymentGateway for SandboxGateway {
             Some(TestCard::Soft { code, .. }) => ("declined", Some("soft"), Some(code)),
             None => ("declined", Some("hard"), Some("resource_missing")),
         };
-        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM charges")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(infra)?;
-        let id = format!("ch_sandbox_{seq:08}");
-        let row = sqlx::query(
+        // One statement, so one round trip to the ledger: the charge is taken
+        // unless its key was seen before (a single statement is atomic; the
+        // mutex only keeps this process's requests in order).
+        let _guard = self.write.lock().await;
+        let inserted = sqlx::query(
             "INSERT INTO charges (seq, id, idempotency_key, payment_method, amount_minor, currency, outcome, \
-             decline_kind, decline_code, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+             decline_kind, decline_code, created_at) \
+             SELECT n, printf('ch_sandbox_%08d', n), ?, ?, ?, ?, ?, ?, ?, ? \
+             FROM (SELECT IFNULL((SELECT seq FROM charges ORDER BY seq DESC LIMIT 1), 0) + 1 AS n) WHERE true \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
         )
-        .bind(seq)
-        .bind(&id)
         .bind(&req.idempotency_key)
         .bind(&req.payment_method)
         .bind(req.amount.amount_minor)
@@ -313,10 +292,33 @@ impl PaymentGateway for SandboxGateway {
         .bind(kind)
         .bind(code)
         .bind(self.clock.now().as_second())
-        .fetch_one(&mut *tx)
+        .fetch_optional(&self.pool)
         .await
         .map_err(infra)?;
-        tx.commit().await.map_err(infra)?;
+        let row = match inserted {
+            Some(row) => row,
+            None => {
+                let row = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
+                    .bind(&req.idempotency_key)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(infra)?;
+                let same = row.try_get::<String, _>("payment_method").map_err(infra)?
+                    == req.payment_method
+                    && row.try_get::<i64, _>("amount_minor").map_err(infra)?
+                        == req.amount.amount_minor
+                    && row.try_get::<String, _>("currency").map_err(infra)?
+                        == req.amount.currency.code();
+                if !same {
+                    // Stripe answers 400 idempotency_error; nothing was charged by this request.
+                    return Err(GatewayError::HardDecline {
+                        code: "idempotency_error".into(),
+                        message: "Keys for idempotent requests can only be used with the same parameters they were first used with.".into(),
+                    });
+                }
+                return Self::stored_result(&row).map_err(infra)?;
+            }
+        };
         if every(n, self.faults.timeout_after_charge_every) {
             return Err(GatewayError::Unknown(
                 "sandbox: injected timeout after taking the charge".into(),

@@ -245,13 +245,38 @@ pub fn document_path(dir: &Path, number: &str, ext: &str) -> PathBuf {
 
 /// Writes the HTML and PDF documents under `dir`, atomically.
 pub fn write_documents(dir: &Path, inv: &Invoice) -> Result<(), DocumentError> {
+    keep(dir, &inv.number, &render_html(inv)?, &render_pdf(inv)?)
+}
+
+/// Writes rendered documents under `dir`, one writer at a time in this
+/// process: writers creating files in the same directory at once spent
+/// their time spinning on the directory's lock in the kernel (renewd bench).
+fn keep(dir: &Path, number: &str, html: &str, pdf: &[u8]) -> Result<(), DocumentError> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     std::fs::create_dir_all(dir).map_err(|e| DocumentError::Io(dir.to_path_buf(), e))?;
-    write_atomically(
-        &document_path(dir, &inv.number, "html"),
-        render_html(inv)?.as_bytes(),
-    )?;
-    write_atomically(&document_path(dir, &inv.number, "pdf"), &render_pdf(inv)?)?;
-    Ok(())
+    write_atomically(&document_path(dir, number, "html"), html.as_bytes())?;
+    write_atomically(&document_path(dir, number, "pdf"), pdf)
+}
+
+/// The PDF of an invoice being mailed, rendered on the blocking pool; a
+/// copy of both documents, as sent, is kept under `dir`. Failing to keep
+/// the copy is logged and does not stop the mail: the invoice is in the
+/// database and `renewd invoice download` renders it again.
+pub async fn render_for_mail(dir: PathBuf, inv: Invoice) -> Result<Vec<u8>, DocumentError> {
+    let number = inv.number.clone();
+    tokio::task::spawn_blocking(move || {
+        let pdf = render_pdf(&inv)?;
+        let kept = render_html(&inv).and_then(|html| keep(&dir, &inv.number, &html, &pdf));
+        if let Err(e) = kept {
+            tracing::error!(invoice_number = %inv.number, error = %e, "cannot write invoice document");
+        }
+        Ok(pdf)
+    })
+    .await
+    .map_err(|e| DocumentError::Render(number, e.to_string()))?
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a

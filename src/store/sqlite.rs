@@ -33,6 +33,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 
 mod group_commit;
 use group_commit::{GroupCommit, WriteTx};
+mod script;
+use script::{Arg, Script, Tagged};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -307,14 +309,23 @@ fn request_from(r: &SqliteRow) -> StoreResult<Request> {
     })
 }
 
-async fn check_lease(tx: &mut Tx<'_>, lease: &Lease) -> StoreResult<()> {
-    let held: Option<Option<String>> =
-        sqlx::query_scalar("SELECT lease_token FROM renewals WHERE id = ?")
-            .bind(lease.renewal_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    match held {
-        Some(Some(t)) if t == lease.token => Ok(()),
+/// The lease check that opens a leased write's script.
+fn push_lease_check(s: &mut Script, lease: &Lease) {
+    s.push(
+        "SELECT 'lease' AS tag, lease_token FROM renewals WHERE id = ?",
+        [lease.renewal_id.into()],
+    );
+}
+
+/// Whether the lease read by [`push_lease_check`] is still ours.
+fn lease_held(out: &Tagged, lease: &Lease) -> StoreResult<()> {
+    match out.first("lease") {
+        Some(row)
+            if row.try_get::<Option<String>, _>("lease_token")?.as_deref()
+                == Some(&lease.token) =>
+        {
+            Ok(())
+        }
         Some(_) => Err(StoreError::LeaseLost(lease.renewal_id)),
         None => Err(StoreError::NotFound(format!(
             "renewal {}",
@@ -323,106 +334,275 @@ async fn check_lease(tx: &mut Tx<'_>, lease: &Lease) -> StoreResult<()> {
     }
 }
 
+/// Runs a leased write's script. If the lease is no longer ours, or a
+/// statement fails, the write is undone whole and the lease's fate is the
+/// error (a lost lease explains a failed statement, e.g. the invoice of an
+/// attempt another instance already recorded).
+async fn run_leased(tx: &mut Tx<'_>, s: Script, lease: &Lease) -> StoreResult<Tagged> {
+    match s.run(tx).await {
+        Ok(out) => match lease_held(&out, lease) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                tx.undo().await?;
+                Err(e)
+            }
+        },
+        Err(e) => {
+            tx.undo().await?;
+            let mut check = Script::default();
+            push_lease_check(&mut check, lease);
+            lease_held(&check.run(tx).await?, lease)?;
+            Err(e)
+        }
+    }
+}
+
+/// The invoice number a write's mail and events point to: none, one
+/// already issued, or the one this same script issues (read back from the
+/// series counter the script just advanced).
+enum InvoiceRef<'a> {
+    None,
+    Known(&'a str),
+    Issued(&'a NewInvoice),
+}
+
+impl InvoiceRef<'_> {
+    /// The number as an SQL expression, and its arguments.
+    fn sql(&self) -> (&'static str, Vec<Arg>) {
+        match self {
+            InvoiceRef::None => ("NULL", Vec::new()),
+            InvoiceRef::Known(n) => ("?", vec![(*n).into()]),
+            InvoiceRef::Issued(inv) => (
+                "(SELECT series || '-' || printf('%0*d', ?, last_seq) FROM invoice_counters WHERE series = ?)",
+                vec![i64::from(inv.digits).into(), (&inv.series).into()],
+            ),
+        }
+    }
+}
+
+/// One INSERT for all of a write's events, in order.
+fn push_events(s: &mut Script, events: &[NewEvent], invoice: &InvoiceRef<'_>, now: Timestamp) {
+    if events.is_empty() {
+        return;
+    }
+    s.fragment(
+        "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, amount_minor, currency, \
+         period_end, idempotency_key, outcome, detail) VALUES ",
+        [],
+    );
+    for (i, e) in events.iter().enumerate() {
+        let (number, number_args) = invoice.sql();
+        let mut args: Vec<Arg> = vec![
+            secs(now).into(),
+            (&e.kind).into(),
+            e.subscription_id.into(),
+            e.customer_id.into(),
+        ];
+        args.extend(number_args);
+        args.extend([
+            e.amount_minor.into(),
+            (&e.currency).into(),
+            e.period_end.map(secs).into(),
+            (&e.idempotency_key).into(),
+            (&e.outcome).into(),
+            e.detail.to_string().into(),
+        ]);
+        let sep = if i == 0 { "" } else { ", " };
+        s.fragment(
+            &format!("{sep}(?, ?, ?, ?, {number}, ?, ?, ?, ?, ?, ?)"),
+            args,
+        );
+    }
+    s.end();
+}
+
 async fn insert_event(
     tx: &mut Tx<'_>,
     e: &NewEvent,
     invoice_number: Option<&str>,
     now: Timestamp,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, amount_minor, currency, \
-         period_end, idempotency_key, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(secs(now))
-    .bind(&e.kind)
-    .bind(e.subscription_id)
-    .bind(e.customer_id)
-    .bind(invoice_number)
-    .bind(e.amount_minor)
-    .bind(&e.currency)
-    .bind(e.period_end.map(secs))
-    .bind(&e.idempotency_key)
-    .bind(&e.outcome)
-    .bind(e.detail.to_string())
-    .execute(&mut **tx)
-    .await?;
+    let mut s = Script::default();
+    let invoice = invoice_number.map_or(InvoiceRef::None, InvoiceRef::Known);
+    push_events(&mut s, std::slice::from_ref(e), &invoice, now);
+    s.run(tx).await?;
     Ok(())
 }
 
-async fn insert_mail(
-    tx: &mut Tx<'_>,
-    m: &NewMail,
-    invoice_number: Option<&str>,
-    now: Timestamp,
-) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "INSERT INTO outbox (subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
-         invoice_number, context, status, next_attempt_at, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) \
-         ON CONFLICT (subscription_id, period_key, kind, offset_key) DO NOTHING",
-    )
-    .bind(m.subscription_id)
-    .bind(m.customer_id)
-    .bind(m.kind.as_str())
-    .bind(m.period_key)
-    .bind(m.offset_key)
-    .bind(&m.recipient)
-    .bind(&m.locale)
-    .bind(invoice_number)
-    .bind(m.context.to_string())
-    .bind(secs(now))
-    .bind(secs(now))
-    .execute(&mut **tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
+/// Queues a mail unless the same one is queued already; tagged `mail` when
+/// it was queued.
+fn push_mail(s: &mut Script, m: &NewMail, invoice: &InvoiceRef<'_>, now: Timestamp) {
+    let (number, number_args) = invoice.sql();
+    let mut args: Vec<Arg> = vec![
+        m.subscription_id.into(),
+        m.customer_id.into(),
+        m.kind.as_str().into(),
+        m.period_key.into(),
+        m.offset_key.into(),
+        (&m.recipient).into(),
+        (&m.locale).into(),
+    ];
+    args.extend(number_args);
+    args.extend([
+        m.context.to_string().into(),
+        secs(now).into(),
+        secs(now).into(),
+    ]);
+    s.push(
+        &format!(
+            "INSERT INTO outbox (subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
+             invoice_number, context, status, next_attempt_at, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, {number}, ?, 'queued', ?, ?) \
+             ON CONFLICT (subscription_id, period_key, kind, offset_key) DO NOTHING RETURNING 'mail' AS tag"
+        ),
+        args,
+    );
 }
 
-async fn insert_invoice(tx: &mut Tx<'_>, inv: &NewInvoice) -> StoreResult<String> {
-    // The counter row is written first in the transaction, so under
-    // BEGIN IMMEDIATE nobody else can take a number until we commit or roll
-    // back: numbers are gap-free and strictly increasing.
-    let seq: i64 = sqlx::query_scalar(
+/// Issues an invoice with the next number of its series. The counter row is
+/// written first in the transaction, so under BEGIN IMMEDIATE nobody else
+/// can take a number until we commit or roll back: numbers are gap-free and
+/// strictly increasing.
+fn push_invoice(s: &mut Script, inv: &NewInvoice) {
+    s.push(
         "INSERT INTO invoice_counters (series, last_seq) VALUES (?, 1) \
-         ON CONFLICT (series) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
-    )
-    .bind(&inv.series)
-    .fetch_one(&mut **tx)
-    .await?;
-    let number = format!(
-        "{}-{:0width$}",
-        inv.series,
-        seq,
-        width = usize::from(inv.digits)
+         ON CONFLICT (series) DO UPDATE SET last_seq = last_seq + 1",
+        [(&inv.series).into()],
     );
-    sqlx::query(
-        "INSERT INTO invoices (number, series, seq, subscription_id, customer_id, renewal_id, attempt_id, status, \
-         currency, subtotal_minor, tax_minor, total_minor, issued_at, due_at, paid_at, period_start, period_end, \
-         payment_kind, payment_reference, document) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&number)
-    .bind(&inv.series)
-    .bind(seq)
-    .bind(inv.subscription_id)
-    .bind(inv.customer_id)
-    .bind(inv.renewal_id)
-    .bind(inv.attempt_id)
-    .bind(&inv.status)
-    .bind(&inv.amounts.currency)
-    .bind(inv.amounts.subtotal_minor)
-    .bind(inv.amounts.tax_minor)
-    .bind(inv.amounts.total_minor)
-    .bind(secs(inv.issued_at))
-    .bind(inv.due_at.map(secs))
-    .bind(inv.paid_at.map(secs))
-    .bind(secs(inv.period_start))
-    .bind(secs(inv.period_end))
-    .bind(&inv.payment_kind)
-    .bind(&inv.payment_reference)
-    .bind(inv.document.to_string())
-    .execute(&mut **tx)
-    .await?;
-    Ok(number)
+    let (number, number_args) = InvoiceRef::Issued(inv).sql();
+    let mut args = number_args;
+    args.extend([
+        (&inv.series).into(),
+        (&inv.series).into(),
+        inv.subscription_id.into(),
+        inv.customer_id.into(),
+        inv.renewal_id.into(),
+        inv.attempt_id.into(),
+        (&inv.status).into(),
+        (&inv.amounts.currency).into(),
+        inv.amounts.subtotal_minor.into(),
+        inv.amounts.tax_minor.into(),
+        inv.amounts.total_minor.into(),
+        secs(inv.issued_at).into(),
+        inv.due_at.map(secs).into(),
+        inv.paid_at.map(secs).into(),
+        secs(inv.period_start).into(),
+        secs(inv.period_end).into(),
+        (&inv.payment_kind).into(),
+        (&inv.payment_reference).into(),
+        inv.document.to_string().into(),
+    ]);
+    s.push(
+        &format!(
+            "INSERT INTO invoices (number, series, seq, subscription_id, customer_id, renewal_id, attempt_id, status, \
+             currency, subtotal_minor, tax_minor, total_minor, issued_at, due_at, paid_at, period_start, period_end, \
+             payment_kind, payment_reference, document) \
+             VALUES ({number}, ?, (SELECT last_seq FROM invoice_counters WHERE series = ?), \
+             ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ),
+        args,
+    );
+}
+
+/// The guarded subscription update; tagged `subscription` when it matched.
+fn push_subscription(s: &mut Script, p: &SubscriptionPatch, now: Timestamp) {
+    let mut sets = vec!["updated_at = ?".to_string()];
+    let mut args: Vec<Arg> = vec![secs(now).into()];
+    if let Some(st) = p.status {
+        sets.push("status = ?".into());
+        args.push(st.as_str().into());
+        if st == crate::domain::Status::Cancelled {
+            // In SQL the right-hand side sees the old row, so bind `now` again.
+            sets.push("cancelled_at = ?".into());
+            args.push(secs(now).into());
+        }
+    }
+    if let Some(c) = p.cancel_at_period_end {
+        sets.push("cancel_at_period_end = ?".into());
+        args.push(c.into());
+    }
+    if let Some(a) = p.auto_renew {
+        sets.push("auto_renew = ?, auto_renew_can_enable = ?".into());
+        args.extend([a.on.into(), a.can_enable.into()]);
+    }
+    if let Some(period) = &p.period {
+        sets.push(
+            "anchor_date = ?, term = ?, current_period_start = ?, current_period_end = ?".into(),
+        );
+        args.extend([
+            period.anchor_date.to_string().into(),
+            period.term.into(),
+            secs(period.start).into(),
+            secs(period.end).into(),
+        ]);
+    }
+    if let Some(pm) = &p.payment {
+        sets.push(
+            "payment_kind = ?, card_token = ?, card_brand = ?, card_last4 = ?, card_expiry = ?, \
+             contact_name = ?, contact_phone = ?, contact_email = ?"
+                .into(),
+        );
+        let none = || Arg::Text(None);
+        match pm {
+            PaymentMethod::Card {
+                token,
+                brand,
+                last4,
+                expiry,
+            } => args.extend([
+                "card".into(),
+                token.into(),
+                brand.into(),
+                last4.into(),
+                expiry.into(),
+                none(),
+                none(),
+                none(),
+            ]),
+            PaymentMethod::BankTransfer {
+                contact_name,
+                contact_phone,
+                contact_email,
+            } => args.extend([
+                "bank_transfer".into(),
+                none(),
+                none(),
+                none(),
+                none(),
+                contact_name.into(),
+                contact_phone.into(),
+                contact_email.into(),
+            ]),
+        }
+    }
+    if let Some(id) = p.terms_acceptance_id {
+        sets.push("terms_acceptance_id = ?".into());
+        args.push(id.into());
+    }
+    let mut sql = format!("UPDATE subscriptions SET {} WHERE id = ?", sets.join(", "));
+    args.push(p.id.into());
+    if !p.expect_status.is_empty() {
+        let marks = vec!["?"; p.expect_status.len()].join(", ");
+        sql.push_str(&format!(" AND status IN ({marks})"));
+        args.extend(p.expect_status.iter().map(|st| st.as_str().into()));
+    }
+    match p.expect_period_end {
+        Some(Some(end)) => {
+            sql.push_str(" AND current_period_end = ?");
+            args.push(secs(end).into());
+        }
+        Some(None) => sql.push_str(" AND current_period_end IS NULL"),
+        None => {}
+    }
+    sql.push_str(" RETURNING 'subscription' AS tag");
+    s.push(&sql, args);
+}
+
+fn subscription_conflict(p: &SubscriptionPatch) -> StoreError {
+    StoreError::Conflict(format!(
+        "subscription {} changed since it was read (expected status {:?}, period end {:?})",
+        p.id, p.expect_status, p.expect_period_end
+    ))
 }
 
 async fn patch_subscription(
@@ -430,114 +610,12 @@ async fn patch_subscription(
     p: &SubscriptionPatch,
     now: Timestamp,
 ) -> StoreResult<()> {
-    let mut sets = vec!["updated_at = ?".to_string()];
-    if let Some(s) = p.status {
-        sets.push("status = ?".into());
-        if s == crate::domain::Status::Cancelled {
-            // In SQL the right-hand side sees the old row, so bind `now` again.
-            sets.push("cancelled_at = ?".into());
-        }
-    }
-    if p.cancel_at_period_end.is_some() {
-        sets.push("cancel_at_period_end = ?".into());
-    }
-    if p.auto_renew.is_some() {
-        sets.push("auto_renew = ?, auto_renew_can_enable = ?".into());
-    }
-    if p.period.is_some() {
-        sets.push(
-            "anchor_date = ?, term = ?, current_period_start = ?, current_period_end = ?".into(),
-        );
-    }
-    if p.payment.is_some() {
-        sets.push(
-            "payment_kind = ?, card_token = ?, card_brand = ?, card_last4 = ?, card_expiry = ?, \
-             contact_name = ?, contact_phone = ?, contact_email = ?"
-                .into(),
-        );
-    }
-    if p.terms_acceptance_id.is_some() {
-        sets.push("terms_acceptance_id = ?".into());
-    }
-    let mut sql = format!("UPDATE subscriptions SET {} WHERE id = ?", sets.join(", "));
-    if !p.expect_status.is_empty() {
-        let marks = vec!["?"; p.expect_status.len()].join(", ");
-        sql.push_str(&format!(" AND status IN ({marks})"));
-    }
-    match p.expect_period_end {
-        Some(Some(_)) => sql.push_str(" AND current_period_end = ?"),
-        Some(None) => sql.push_str(" AND current_period_end IS NULL"),
-        None => {}
-    }
-    let mut q = sqlx::query(&sql).bind(secs(now));
-    if let Some(s) = p.status {
-        q = q.bind(s.as_str());
-        if s == crate::domain::Status::Cancelled {
-            q = q.bind(secs(now));
-        }
-    }
-    if let Some(c) = p.cancel_at_period_end {
-        q = q.bind(c);
-    }
-    if let Some(a) = p.auto_renew {
-        q = q.bind(a.on).bind(a.can_enable);
-    }
-    if let Some(period) = &p.period {
-        q = q
-            .bind(period.anchor_date.to_string())
-            .bind(period.term)
-            .bind(secs(period.start))
-            .bind(secs(period.end));
-    }
-    if let Some(pm) = &p.payment {
-        q = match pm {
-            PaymentMethod::Card {
-                token,
-                brand,
-                last4,
-                expiry,
-            } => q
-                .bind("card")
-                .bind(token.clone())
-                .bind(brand.clone())
-                .bind(last4.clone())
-                .bind(expiry.clone())
-                .bind(None::<String>)
-                .bind(None::<String>)
-                .bind(None::<String>),
-            PaymentMethod::BankTransfer {
-                contact_name,
-                contact_phone,
-                contact_email,
-            } => q
-                .bind("bank_transfer")
-                .bind(None::<String>)
-                .bind(None::<String>)
-                .bind(None::<String>)
-                .bind(None::<String>)
-                .bind(contact_name.clone())
-                .bind(contact_phone.clone())
-                .bind(contact_email.clone()),
-        };
-    }
-    if let Some(id) = p.terms_acceptance_id {
-        q = q.bind(id);
-    }
-    q = q.bind(p.id);
-    for s in &p.expect_status {
-        q = q.bind(s.as_str());
-    }
-    if let Some(Some(end)) = p.expect_period_end {
-        q = q.bind(secs(end));
-    }
-    let done = q.execute(&mut **tx).await?;
-    if done.rows_affected() == 1 {
+    let mut s = Script::default();
+    push_subscription(&mut s, p, now);
+    if s.run(tx).await?.has("subscription") {
         Ok(())
     } else {
-        Err(StoreError::Conflict(format!(
-            "subscription {} changed since it was read (expected status {:?}, period end {:?})",
-            p.id, p.expect_status, p.expect_period_end
-        )))
+        Err(subscription_conflict(p))
     }
 }
 
@@ -1140,239 +1218,258 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Attempt> {
         let (_guard, mut tx) = self.write_tx().await?;
-        check_lease(&mut tx, lease).await?;
-        let attempt_no: i64 = sqlx::query_scalar(
-            "UPDATE renewals SET attempt_count = attempt_count + 1, first_attempt_at = COALESCE(first_attempt_at, ?), \
-             updated_at = ? WHERE id = ? RETURNING attempt_count",
-        )
-        .bind(secs(now))
-        .bind(secs(now))
-        .bind(lease.renewal_id)
-        .fetch_one(&mut *tx)
-        .await?;
         let draft = serde_json::to_string(&a.invoice_draft)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let row = sqlx::query(
+        let mut s = Script::default();
+        push_lease_check(&mut s, lease);
+        s.push(
+            "UPDATE renewals SET attempt_count = attempt_count + 1, first_attempt_at = COALESCE(first_attempt_at, ?), \
+             updated_at = ? WHERE id = ?",
+            [secs(now).into(), secs(now).into(), lease.renewal_id.into()],
+        );
+        s.push(
             "INSERT INTO payment_attempts (renewal_id, attempt_no, idempotency_key, payment_method, amount_minor, \
-             currency, invoice_draft, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) RETURNING *",
-        )
-        .bind(lease.renewal_id)
-        .bind(attempt_no)
-        .bind(&a.idempotency_key)
-        .bind(&a.payment_method)
-        .bind(a.amount_minor)
-        .bind(&a.currency)
-        .bind(draft)
-        .bind(secs(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        let attempt = attempt_from(&row)?;
-        let (subscription_id, customer_id): (i64, i64) = sqlx::query_as(
-            "SELECT s.id, s.customer_id FROM renewals r JOIN subscriptions s ON s.id = r.subscription_id WHERE r.id = ?",
-        )
-        .bind(lease.renewal_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        insert_event(
-            &mut tx,
-            &NewEvent {
-                kind: "charge.attempt".into(),
-                subscription_id: Some(subscription_id),
-                customer_id: Some(customer_id),
-                amount_minor: Some(a.amount_minor),
-                currency: Some(a.currency.clone()),
-                idempotency_key: Some(a.idempotency_key.clone()),
-                outcome: Some("sent".into()),
-                detail: serde_json::json!({"attempt": attempt.attempt_no, "payment_method_kind": "card"}),
-                ..Default::default()
-            },
-            None,
-            now,
-        )
-        .await?;
+             currency, invoice_draft, status, created_at) \
+             SELECT id, attempt_count, ?, ?, ?, ?, ?, 'pending', ? FROM renewals WHERE id = ? \
+             RETURNING 'attempt' AS tag, *",
+            [
+                (&a.idempotency_key).into(),
+                (&a.payment_method).into(),
+                a.amount_minor.into(),
+                (&a.currency).into(),
+                draft.into(),
+                secs(now).into(),
+                lease.renewal_id.into(),
+            ],
+        );
+        s.push(
+            "INSERT INTO events (at, kind, subscription_id, customer_id, amount_minor, currency, \
+             idempotency_key, outcome, detail) \
+             SELECT ?, 'charge.attempt', s.id, s.customer_id, ?, ?, ?, 'sent', \
+             json_object('attempt', r.attempt_count, 'payment_method_kind', 'card') \
+             FROM renewals r JOIN subscriptions s ON s.id = r.subscription_id WHERE r.id = ?",
+            [
+                secs(now).into(),
+                a.amount_minor.into(),
+                (&a.currency).into(),
+                (&a.idempotency_key).into(),
+                lease.renewal_id.into(),
+            ],
+        );
+        let out = run_leased(&mut tx, s, lease).await?;
+        let attempt = match out.first("attempt") {
+            Some(row) => attempt_from(row)?,
+            None => {
+                tx.rollback().await?;
+                return Err(StoreError::NotFound(format!(
+                    "renewal {}",
+                    lease.renewal_id
+                )));
+            }
+        };
         tx.commit().await?;
         Ok(attempt)
     }
 
     async fn apply(&self, change: Change, now: Timestamp) -> StoreResult<Applied> {
         let (_guard, mut tx) = self.write_tx().await?;
+        // The whole change is one script (one round trip); what it must find
+        // is checked from the tags it returns, in the order the checks were
+        // once made statement by statement, and any failure undoes it whole.
+        let mut s = Script::default();
         if let Some(lease) = &change.lease {
-            check_lease(&mut tx, lease).await?;
+            push_lease_check(&mut s, lease);
         }
         if let Some(a) = &change.attempt {
-            sqlx::query(
+            s.push(
                 "UPDATE payment_attempts SET status = ?, decline_kind = COALESCE(?, decline_kind), \
                  decline_code = COALESCE(?, decline_code), gateway_reference = COALESCE(?, gateway_reference), \
                  reconcile_count = COALESCE(?, reconcile_count), \
                  completed_at = CASE WHEN ? IN ('succeeded', 'declined', 'not_charged') THEN ? ELSE completed_at END \
                  WHERE id = ?",
-            )
-            .bind(a.status.as_str())
-            .bind(&a.decline_kind)
-            .bind(&a.decline_code)
-            .bind(&a.gateway_reference)
-            .bind(a.reconcile_count)
-            .bind(a.status.as_str())
-            .bind(secs(now))
-            .bind(a.id)
-            .execute(&mut *tx)
-            .await?;
+                [
+                    a.status.as_str().into(),
+                    (&a.decline_kind).into(),
+                    (&a.decline_code).into(),
+                    (&a.gateway_reference).into(),
+                    a.reconcile_count.into(),
+                    a.status.as_str().into(),
+                    secs(now).into(),
+                    a.id.into(),
+                ],
+            );
         }
         if let Some(p) = &change.subscription {
-            patch_subscription(&mut tx, p, now).await?;
+            push_subscription(&mut s, p, now);
         }
         if let Some(sub) = change.close_renewals_of {
-            let busy: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM renewals WHERE subscription_id = ? AND lease_token IS NOT NULL \
-                 AND lease_expires_at > ? AND status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer')",
-            )
-            .bind(sub)
-            .bind(secs(now))
-            .fetch_one(&mut *tx)
-            .await?;
-            if busy > 0 {
-                return Err(StoreError::Conflict(format!(
-                    "a renewal of subscription {sub} is being processed right now; try again in a minute"
-                )));
-            }
+            s.push(
+                "SELECT 'busy' AS tag WHERE EXISTS (SELECT 1 FROM renewals WHERE subscription_id = ? \
+                 AND lease_token IS NOT NULL AND lease_expires_at > ? \
+                 AND status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer'))",
+                [sub.into(), secs(now).into()],
+            );
             // A charge whose outcome is not known yet must be reconciled
             // first: cancelling now could leave taken money unrecorded.
-            let unsettled: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM payment_attempts a JOIN renewals r ON r.id = a.renewal_id \
-                 WHERE r.subscription_id = ? AND a.status IN ('pending', 'unknown')",
-            )
-            .bind(sub)
-            .fetch_one(&mut *tx)
-            .await?;
-            if unsettled > 0 {
-                return Err(StoreError::Conflict(format!(
-                    "a charge of subscription {sub} is still being reconciled with the gateway; cancel once it is settled (see `renewd events --subscription {sub}`)"
-                )));
-            }
-            sqlx::query(
+            s.push(
+                "SELECT 'unsettled' AS tag WHERE EXISTS (SELECT 1 FROM payment_attempts a \
+                 JOIN renewals r ON r.id = a.renewal_id \
+                 WHERE r.subscription_id = ? AND a.status IN ('pending', 'unknown'))",
+                [sub.into()],
+            );
+            s.push(
                 "UPDATE renewals SET status = 'skipped', outcome_note = 'cancelled', next_attempt_at = NULL, \
                  lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? \
                  WHERE subscription_id = ? AND status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer')",
-            )
-            .bind(secs(now))
-            .bind(sub)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
+                [secs(now).into(), sub.into()],
+            );
+            s.push(
                 "UPDATE invoices SET status = 'void' WHERE subscription_id = ? AND status = 'open'",
-            )
-            .bind(sub)
-            .execute(&mut *tx)
-            .await?;
+                [sub.into()],
+            );
         }
         if let Some(sub) = change.wake_renewals_of {
-            sqlx::query(
+            s.push(
                 "UPDATE renewals SET next_attempt_at = ?, updated_at = ? \
                  WHERE subscription_id = ? AND status IN ('retrying', 'action_required')",
-            )
-            .bind(secs(now))
-            .bind(secs(now))
-            .bind(sub)
-            .execute(&mut *tx)
-            .await?;
+                [secs(now).into(), secs(now).into(), sub.into()],
+            );
         }
         if let Some(settle) = &change.settle_invoice {
-            let done = sqlx::query(
+            s.push(
                 "UPDATE invoices SET status = ?, paid_at = ?, payment_reference = COALESCE(?, payment_reference) \
-                 WHERE number = ? AND status = 'open'",
-            )
-            .bind(&settle.status)
-            .bind(settle.paid_at.map(secs))
-            .bind(&settle.reference)
-            .bind(&settle.number)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
-                return Err(StoreError::Conflict(format!(
-                    "invoice {} is not open",
-                    settle.number
-                )));
-            }
+                 WHERE number = ? AND status = 'open' RETURNING 'settled' AS tag",
+                [
+                    (&settle.status).into(),
+                    settle.paid_at.map(secs).into(),
+                    (&settle.reference).into(),
+                    (&settle.number).into(),
+                ],
+            );
         }
         if let Some(r) = &change.request {
             let marks = vec!["?"; r.expect_status.len().max(1)].join(", ");
-            let sql = format!(
-                "UPDATE requests SET status = ?, resolution = COALESCE(?, resolution), updated_at = ?, \
-                 resolved_at = CASE WHEN ? THEN ? ELSE resolved_at END WHERE id = ? AND status IN ({marks}) RETURNING id"
+            let mut args: Vec<Arg> = vec![
+                (&r.status).into(),
+                (&r.resolution).into(),
+                secs(now).into(),
+                r.resolved.into(),
+                secs(now).into(),
+                r.id.into(),
+            ];
+            args.extend(r.expect_status.iter().map(Arg::from));
+            s.push(
+                &format!(
+                    "UPDATE requests SET status = ?, resolution = COALESCE(?, resolution), updated_at = ?, \
+                     resolved_at = CASE WHEN ? THEN ? ELSE resolved_at END WHERE id = ? AND status IN ({marks}) \
+                     RETURNING 'request' AS tag"
+                ),
+                args,
             );
-            let mut q = sqlx::query_scalar::<_, i64>(&sql)
-                .bind(&r.status)
-                .bind(&r.resolution)
-                .bind(secs(now))
-                .bind(r.resolved)
-                .bind(secs(now))
-                .bind(r.id);
-            for s in &r.expect_status {
-                q = q.bind(s);
-            }
-            if q.fetch_optional(&mut *tx).await?.is_none() {
-                return Err(StoreError::Conflict(format!(
-                    "request {} is no longer {}",
-                    r.id,
-                    r.expect_status.join(" or ")
-                )));
-            }
         }
-        let invoice_number = match &change.invoice {
-            Some(inv) => Some(insert_invoice(&mut tx, inv).await?),
-            None => change.settle_invoice.as_ref().map(|s| s.number.clone()),
+        let invoice = match (&change.invoice, &change.settle_invoice) {
+            (Some(inv), _) => {
+                push_invoice(&mut s, inv);
+                InvoiceRef::Issued(inv)
+            }
+            (None, Some(settle)) => InvoiceRef::Known(&settle.number),
+            (None, None) => InvoiceRef::None,
         };
-        if let (Some(kind), Some(lease)) = (change.renewal_kind, &change.lease) {
-            sqlx::query("UPDATE renewals SET kind = ? WHERE id = ?")
-                .bind(kind.as_str())
-                .bind(lease.renewal_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let (Some(r), Some(lease)) = (&change.renewal, &change.lease) {
-            sqlx::query(
-                "UPDATE renewals SET status = ?, next_attempt_at = ?, outcome_note = COALESCE(?, outcome_note), \
-                 lease_token = CASE WHEN ? THEN NULL ELSE lease_token END, \
-                 lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, \
-                 lease_expires_at = CASE WHEN ? THEN NULL ELSE lease_expires_at END, \
-                 updated_at = ? WHERE id = ?",
-            )
-            .bind(r.status.as_str())
-            .bind(r.next_attempt_at.map(secs))
-            .bind(&r.note)
-            .bind(r.release)
-            .bind(r.release)
-            .bind(r.release)
-            .bind(secs(now))
-            .bind(lease.renewal_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut queued = 0u32;
-        for m in &change.mails {
-            if insert_mail(&mut tx, m, invoice_number.as_deref(), now).await? {
-                queued += 1;
+        if let Some(lease) = &change.lease {
+            if change.renewal_kind.is_some() || change.renewal.is_some() {
+                let mut sets = Vec::new();
+                let mut args: Vec<Arg> = Vec::new();
+                if let Some(kind) = change.renewal_kind {
+                    sets.push("kind = ?");
+                    args.push(kind.as_str().into());
+                }
+                if let Some(r) = &change.renewal {
+                    sets.push(
+                        "status = ?, next_attempt_at = ?, outcome_note = COALESCE(?, outcome_note), \
+                         lease_token = CASE WHEN ? THEN NULL ELSE lease_token END, \
+                         lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, \
+                         lease_expires_at = CASE WHEN ? THEN NULL ELSE lease_expires_at END, \
+                         updated_at = ?",
+                    );
+                    args.extend([
+                        r.status.as_str().into(),
+                        r.next_attempt_at.map(secs).into(),
+                        (&r.note).into(),
+                        r.release.into(),
+                        r.release.into(),
+                        r.release.into(),
+                        secs(now).into(),
+                    ]);
+                }
+                args.push(lease.renewal_id.into());
+                s.push(
+                    &format!("UPDATE renewals SET {} WHERE id = ?", sets.join(", ")),
+                    args,
+                );
             }
         }
+        for m in &change.mails {
+            push_mail(&mut s, m, &invoice, now);
+        }
+        push_events(&mut s, &change.events, &invoice, now);
+        if !matches!(invoice, InvoiceRef::None) {
+            let (number, args) = invoice.sql();
+            s.push(
+                &format!("SELECT 'invoice' AS tag, {INVOICE_COLUMNS} FROM invoices WHERE number = {number}"),
+                args,
+            );
+        }
+
+        let out = match change.lease.as_ref() {
+            Some(lease) => run_leased(&mut tx, s, lease).await?,
+            None => s.run(&mut tx).await?,
+        };
+        let refused = if let Some(p) = change
+            .subscription
+            .as_ref()
+            .filter(|_| !out.has("subscription"))
+        {
+            Some(subscription_conflict(p))
+        } else if let Some(sub) = change.close_renewals_of.filter(|_| out.has("busy")) {
+            Some(StoreError::Conflict(format!(
+                "a renewal of subscription {sub} is being processed right now; try again in a minute"
+            )))
+        } else if let Some(sub) = change.close_renewals_of.filter(|_| out.has("unsettled")) {
+            Some(StoreError::Conflict(format!(
+                "a charge of subscription {sub} is still being reconciled with the gateway; cancel once it is settled (see `renewd events --subscription {sub}`)"
+            )))
+        } else if let Some(settle) = change
+            .settle_invoice
+            .as_ref()
+            .filter(|_| !out.has("settled"))
+        {
+            Some(StoreError::Conflict(format!(
+                "invoice {} is not open",
+                settle.number
+            )))
+        } else {
+            change
+                .request
+                .as_ref()
+                .filter(|_| !out.has("request"))
+                .map(|r| {
+                    StoreError::Conflict(format!(
+                        "request {} is no longer {}",
+                        r.id,
+                        r.expect_status.join(" or ")
+                    ))
+                })
+        };
+        if let Some(e) = refused {
+            tx.rollback().await?;
+            return Err(e);
+        }
+        let queued = u32::try_from(out.count("mail")).unwrap_or(u32::MAX);
         if change.only_if_mail_is_new && queued == 0 {
             tx.rollback().await?;
             return Ok(Applied::default());
         }
-        for e in &change.events {
-            insert_event(&mut tx, e, invoice_number.as_deref(), now).await?;
-        }
-        let invoice = match &invoice_number {
-            Some(n) => {
-                let row = sqlx::query(&format!(
-                    "SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"
-                ))
-                .bind(n)
-                .fetch_one(&mut *tx)
-                .await?;
-                Some(invoice_from(&row)?)
-            }
-            None => None,
-        };
+        let invoice = out.first("invoice").map(invoice_from).transpose()?;
         tx.commit().await?;
         Ok(Applied {
             applied: true,
@@ -1411,38 +1508,24 @@ impl Store for SqliteStore {
 
     async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()> {
         let (_guard, mut tx) = self.write_tx().await?;
-        let done = sqlx::query(
+        let mut s = Script::default();
+        s.push(
             "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, lease_token = NULL, \
-             lease_expires_at = NULL, last_error = NULL WHERE id = ? AND lease_token = ?",
-        )
-        .bind(secs(now))
-        .bind(id)
-        .bind(token)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
+             lease_expires_at = NULL, last_error = NULL WHERE id = ? AND lease_token = ? RETURNING 'sent' AS tag",
+            [secs(now).into(), id.into(), token.into()],
+        );
+        s.push(
+            "INSERT INTO events (at, kind, subscription_id, outcome, detail) \
+             SELECT ?, 'mail.sent', subscription_id, 'sent', json_object('mail_id', id, 'mail_kind', kind) \
+             FROM outbox WHERE id = ?",
+            [secs(now).into(), id.into()],
+        );
+        if !s.run(&mut tx).await?.has("sent") {
+            tx.rollback().await?;
             return Err(StoreError::Conflict(format!(
                 "mail {id} is no longer claimed by this sender"
             )));
         }
-        let (sub, kind): (i64, String) =
-            sqlx::query_as("SELECT subscription_id, kind FROM outbox WHERE id = ?")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-        insert_event(
-            &mut tx,
-            &NewEvent {
-                kind: "mail.sent".into(),
-                subscription_id: Some(sub),
-                outcome: Some("sent".into()),
-                detail: serde_json::json!({"mail_id": id, "mail_kind": kind}),
-                ..Default::default()
-            },
-            None,
-            now,
-        )
-        .await?;
         tx.commit().await?;
         Ok(())
     }

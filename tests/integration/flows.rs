@@ -565,12 +565,19 @@ async fn the_invoice_pdf_parses_and_shows_the_number_total_and_tax() {
     assert!(text.contains("Tax 10% on ¥53,000"), "{text}");
     assert!(text.contains("visa") && text.contains("4242"), "{text}");
     assert!(text.contains("PAID"));
+    // The copy under STATE_DIR/invoices is kept when the order
+    // confirmation carrying it is mailed, and is the same document.
     let on_disk = app.dir.path().join("invoices").join("INV-2027-000001.pdf");
+    assert!(!on_disk.exists(), "documents are rendered after the commit");
+    let sent = app.engine.deliver_mail().await.unwrap();
+    assert!(sent.sent >= 1, "{sent:?}");
     assert_eq!(
-        std::fs::read(on_disk).unwrap(),
+        std::fs::read(&on_disk).unwrap(),
         pdf,
-        "the daemon wrote the same document"
+        "the daemon kept the document it mailed"
     );
+    let html = std::fs::read_to_string(on_disk.with_extension("html")).unwrap();
+    assert!(html.contains("INV-2027-000001"), "{html}");
 
     let c = app.customer("UTC", "en", "US", "USD").await;
     let usd = app.purchase(c, "pm_card_visa").await;

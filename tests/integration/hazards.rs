@@ -233,10 +233,32 @@ async fn a_worker_whose_lease_was_taken_over_cannot_write() {
         renewal_id: ids[0],
         token: "old".into(),
     };
+    let sub = app
+        .engine
+        .store
+        .renewal_work(ids[0])
+        .await
+        .unwrap()
+        .unwrap()
+        .subscription;
+    let events_before = store.events(Some(sub.id)).await.unwrap().len();
+    // A write that would change plenty: none of it may land.
     let err = store
         .apply(
             renewd::store::Change {
-                lease: Some(stale),
+                lease: Some(stale.clone()),
+                subscription: Some(renewd::store::SubscriptionPatch {
+                    id: sub.id,
+                    cancel_at_period_end: Some(true),
+                    ..Default::default()
+                }),
+                renewal: Some(renewd::store::RenewalPatch {
+                    status: renewd::store::RenewalStatus::Skipped,
+                    next_attempt_at: None,
+                    note: Some("stale".into()),
+                    release: true,
+                }),
+                events: vec![renewd::store::NewEvent::new("stale.write", &sub)],
                 ..Default::default()
             },
             now,
@@ -246,6 +268,33 @@ async fn a_worker_whose_lease_was_taken_over_cannot_write() {
     assert!(
         matches!(err, renewd::store::StoreError::LeaseLost(_)),
         "{err}"
+    );
+    assert_eq!(
+        store.events(Some(sub.id)).await.unwrap().len(),
+        events_before
+    );
+    assert!(!app.sub(sub.id).await.cancel_at_period_end);
+    let work = store.renewal_work(ids[0]).await.unwrap().unwrap();
+    assert_ne!(work.renewal.status, renewd::store::RenewalStatus::Skipped);
+    // The lease's holder still writes, and its savepoint was not disturbed.
+    let holder = Lease {
+        renewal_id: ids[0],
+        token: "new".into(),
+    };
+    store
+        .apply(
+            renewd::store::Change {
+                lease: Some(holder),
+                events: vec![renewd::store::NewEvent::new("holder.write", &sub)],
+                ..Default::default()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.events(Some(sub.id)).await.unwrap().len(),
+        events_before + 1
     );
 }
 

@@ -46,6 +46,10 @@ struct State {
     /// without commit or rollback (an early `?` return, or a cancelled
     /// task). The next holder of the mutex rolls it back first.
     dangling: bool,
+    /// The last writer committed: its savepoint is released by the next
+    /// writer's opening (or by the batch's COMMIT), which saves each write a
+    /// round trip of its own.
+    release_pending: bool,
 }
 
 struct Batch {
@@ -66,20 +70,20 @@ pub(crate) struct WriteTx<'a> {
 }
 
 const SAVEPOINT: &str = "SAVEPOINT renewd_write";
-const RELEASE: &str = "RELEASE renewd_write";
+/// The last writer's savepoint released into the batch, and this writer's opened.
+const RELEASE_AND_SAVEPOINT: &str = "RELEASE renewd_write; SAVEPOINT renewd_write";
 const ROLLBACK_TO: &str = "ROLLBACK TO renewd_write; RELEASE renewd_write";
 
-/// Runs fixed SQL on the write connection. Boxed with explicit lifetimes:
-/// as a plain `async fn` over sqlx's generic executor, the futures of the
-/// store's methods stop being provably `Send`.
+/// Runs fixed SQL (one or more statements) on the write connection in one
+/// round trip. Boxed with explicit lifetimes: as a plain `async fn` over
+/// sqlx's generic executor, the futures of the store's methods stop being
+/// provably `Send`.
 fn exec<'c>(
     conn: &'c mut SqliteConnection,
     sql: &'static str,
 ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
     Box::pin(async move {
-        for statement in sql.split(';').map(str::trim).filter(|q| !q.is_empty()) {
-            sqlx::query(statement).execute(&mut *conn).await?;
-        }
+        sqlx::query(sql).execute(&mut *conn).await?;
         Ok(())
     })
 }
@@ -99,6 +103,7 @@ impl GroupCommit {
             conn,
             batch: None,
             dangling: false,
+            release_pending: false,
         }));
         let (flush, signals) = mpsc::unbounded_channel();
         tokio::spawn(flusher(state.clone(), signals));
@@ -121,7 +126,13 @@ impl GroupCommit {
                 done: watch::channel(None).0,
             });
         }
-        if let Err(e) = exec(&mut state.conn, SAVEPOINT).await {
+        let opening = if state.release_pending {
+            RELEASE_AND_SAVEPOINT
+        } else {
+            SAVEPOINT
+        };
+        state.release_pending = false;
+        if let Err(e) = exec(&mut state.conn, opening).await {
             state.mark_broken(&e);
             let _ = self.flush.send(());
             return Err(e.into());
@@ -158,6 +169,8 @@ impl State {
         let Some(batch) = self.batch.take() else {
             return;
         };
+        // COMMIT releases the last writer's savepoint with the rest.
+        self.release_pending = false;
         let result = match batch.broken {
             Some(why) => {
                 // SQLite may have rolled back already; this only makes sure.
@@ -193,10 +206,10 @@ impl WriteTx<'_> {
     /// Releases the savepoint into the batch, lets the next writer in, and
     /// returns once the batch is durable.
     pub(crate) async fn commit(mut self) -> StoreResult<()> {
-        if let Err(e) = exec(&mut self.state.conn, RELEASE).await {
-            self.state.mark_broken(&e);
-            return Err(e.into());
-        }
+        // Released by whatever runs next on the connection: the next
+        // writer's opening or the batch's COMMIT. If that fails, the batch
+        // fails, and this writer with it.
+        self.state.release_pending = true;
         self.open = false;
         let Some(batch) = self.state.batch.as_mut() else {
             return Err(failed("no batch transaction was open"));
@@ -215,6 +228,16 @@ impl WriteTx<'_> {
             Some(Err(why)) => Err(failed(&why)),
             None => Err(failed("the batch ended without an answer")),
         }
+    }
+
+    /// Undoes this writer's changes so far; its savepoint stays open, so it
+    /// can go on writing, then commit or roll back.
+    pub(crate) async fn undo(&mut self) -> StoreResult<()> {
+        let result = exec(&mut self.state.conn, "ROLLBACK TO renewd_write").await;
+        if let Err(e) = &result {
+            self.state.mark_broken(e);
+        }
+        Ok(result?)
     }
 
     /// Undoes this writer's changes; the batch goes on without them.
