@@ -13,6 +13,7 @@
 
 use jiff::{Span, Timestamp};
 use serde_json::json;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{Engine, EngineError, EngineResult};
 use crate::domain::subscription::Event as SubEvent;
@@ -45,12 +46,41 @@ pub enum Outcome {
     Skipped,
 }
 
+/// A permit of `gate`, if there is one.
+async fn permit(gate: Option<&Semaphore>) -> EngineResult<Option<SemaphorePermit<'_>>> {
+    match gate {
+        Some(g) => g
+            .acquire()
+            .await
+            .map(Some)
+            .map_err(|e| EngineError::Internal(format!("gateway slots: {e}"))),
+        None => Ok(None),
+    }
+}
+
 impl Engine {
     /// Works one claimed renewal to its next resting point.
     pub(crate) async fn process(&self, lease: &Lease, now: Timestamp) -> EngineResult<Outcome> {
+        self.process_gated(lease, now, None).await
+    }
+
+    /// [`Engine::process`], holding a permit of `gate` (when given) only
+    /// while the gateway is called. A sweep keeps more renewals in hand than
+    /// `renewal.concurrency`, so that while some read and write the
+    /// database others fill the gateway's slots: the gate keeps exactly
+    /// that many calls in flight (renewd bench, "gateway-bound").
+    pub(crate) async fn process_gated(
+        &self,
+        lease: &Lease,
+        now: Timestamp,
+        gate: Option<&Semaphore>,
+    ) -> EngineResult<Outcome> {
         let mut work = self.load(lease).await?;
         if let Some(open) = work.last_attempt.clone().filter(|a| a.status.is_open()) {
-            match self.gateway.lookup(&open.idempotency_key).await {
+            let permit = permit(gate).await?;
+            let looked_up = self.gateway.lookup(&open.idempotency_key).await;
+            drop(permit);
+            match looked_up {
                 Ok(Lookup::Charged(charge)) => {
                     tracing::info!(
                         subscription_id = work.subscription.id,
@@ -162,6 +192,7 @@ impl Engine {
             attempt_id: attempt.id,
             subscription_id: work.subscription.id,
         };
+        let permit = permit(gate).await?;
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(
             self.config.gateway_timeout.unsigned_abs(),
@@ -175,6 +206,7 @@ impl Engine {
                 self.config.raw.gateway.timeout
             ))),
         };
+        drop(permit);
         tracing::debug!(
             subscription_id = work.subscription.id,
             idempotency_key = %request.idempotency_key,

@@ -116,6 +116,15 @@ impl Engine {
         // together, since a claim waits for the store's writer, which a
         // renewal in flight may hold. A failed claim stops claiming; the
         // renewals in flight finish before the error is returned.
+        //
+        // Up to twice as many renewals of a claimed batch are in hand as
+        // gateway calls allowed in flight (`gate`): each renewal reads and
+        // writes the database before and after its call, and meanwhile
+        // another takes its gateway slot (renewd bench, "gateway-bound").
+        // The next batch is still claimed only once fewer than
+        // `concurrency` renewals are in hand.
+        let gate = tokio::sync::Semaphore::new(concurrency);
+        let in_hand = concurrency.saturating_mul(2);
         let mut in_flight = FuturesUnordered::new();
         let mut queue: VecDeque<Lease> = VecDeque::new();
         let mut claiming = None;
@@ -128,11 +137,11 @@ impl Engine {
         let mut reopen = true;
         let mut claim_error = None;
         loop {
-            while in_flight.len() < concurrency {
+            while in_flight.len() < in_hand {
                 let Some(lease) = queue.pop_front() else {
                     break;
                 };
-                in_flight.push(self.process_lease(lease, now));
+                in_flight.push(self.process_lease(lease, now, &gate));
             }
             if queue.is_empty() && claiming.is_none() && !exhausted && in_flight.len() < concurrency
             {
@@ -211,8 +220,16 @@ impl Engine {
             .collect())
     }
 
-    async fn process_lease(&self, lease: Lease, now: Timestamp) -> (i64, EngineResult<Outcome>) {
-        (lease.renewal_id, self.process(&lease, now).await)
+    async fn process_lease(
+        &self,
+        lease: Lease,
+        now: Timestamp,
+        gate: &tokio::sync::Semaphore,
+    ) -> (i64, EngineResult<Outcome>) {
+        (
+            lease.renewal_id,
+            self.process_gated(&lease, now, Some(gate)).await,
+        )
     }
 
     /// Subscriptions whose period ended with no renewal in progress: those

@@ -292,9 +292,16 @@ impl PaymentGateway for SandboxGateway {
         .bind(kind)
         .bind(code)
         .bind(self.clock.now().as_second())
-        .fetch_optional(&self.pool)
+        // Stepped to the end (not `fetch_optional`), so the statement is
+        // done and its connection holds no transaction: one left open kept
+        // the ledger's WAL from ever being checkpointed, and every lookup
+        // in it grew slower with the ledger's size (renewd bench, "time
+        // travel").
+        .fetch_all(&self.pool)
         .await
-        .map_err(infra)?;
+        .map_err(infra)?
+        .into_iter()
+        .next();
         let row = match inserted {
             Some(row) => row,
             None => {
@@ -331,9 +338,11 @@ impl PaymentGateway for SandboxGateway {
         self.delay().await;
         let row = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
             .bind(idempotency_key)
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(infra)?;
+            .map_err(infra)?
+            .into_iter()
+            .next();
         Ok(match row {
             None => Lookup::NotFound,
             Some(row) => match Self::stored_result(&row).map_err(infra)? {

@@ -309,6 +309,18 @@ fn request_from(r: &SqliteRow) -> StoreResult<Request> {
     })
 }
 
+/// Ends a write: committed (and durable) if it `changed` anything, else
+/// rolled back at once. A claim or an opening that found nothing has nothing
+/// to make durable, and need not wait for the batch's flush (renewd bench,
+/// "time travel": most sweeps end with such empty rounds).
+async fn finish_write(tx: Tx<'_>, changed: bool) -> StoreResult<()> {
+    if changed {
+        tx.commit().await
+    } else {
+        tx.rollback().await
+    }
+}
+
 /// The lease check that opens a leased write's script.
 fn push_lease_check(s: &mut Script, lease: &Lease) {
     s.push(
@@ -934,8 +946,9 @@ impl Store for SqliteStore {
         .bind(secs(now.saturating_add(transfer_lead).unwrap_or(now)))
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(cards.rows_affected() + transfers.rows_affected())
+        let opened = cards.rows_affected() + transfers.rows_affected();
+        finish_write(tx, opened > 0).await?;
+        Ok(opened)
     }
 
     async fn open_manual_renewal(
@@ -1167,7 +1180,7 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
+        finish_write(tx, !ids.is_empty()).await?;
         Ok(ids)
     }
 
@@ -1500,7 +1513,7 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
+        finish_write(tx, !rows.is_empty()).await?;
         let mut mails: Vec<Mail> = rows.iter().map(mail_from).collect::<StoreResult<_>>()?;
         mails.sort_by_key(|m| m.id);
         Ok(mails)

@@ -239,3 +239,39 @@ async fn a_sweep_run_twice_at_the_same_instant_charges_once_and_changes_nothing(
     );
     assert_eq!(app.sub(renewing.id).await.term, 2);
 }
+
+#[tokio::test]
+async fn a_sweep_keeps_at_most_renewal_concurrency_gateway_calls_in_flight_and_renews_every_one_once(
+) {
+    let counter = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let slot = counter.clone();
+    let app = TestApp::spawn_with(
+        "2027-03-10T03:00:00Z",
+        &[
+            ("RENEWD__RENEWAL__CONCURRENCY", "3"),
+            ("RENEWD__RENEWAL__BATCH_SIZE", "4"),
+        ],
+        move |inner| {
+            let c = std::sync::Arc::new(crate::support::CountsInFlight::new(inner));
+            *slot.lock().unwrap() = Some(c.clone());
+            c
+        },
+    )
+    .await;
+    let mut subs = Vec::new();
+    for _ in 0..12 {
+        subs.push(app.tokyo_subscription().await);
+    }
+    let gateway = counter.lock().unwrap().clone().unwrap();
+    gateway.most.store(0, std::sync::atomic::Ordering::SeqCst);
+    app.set("2028-03-10T03:00:00Z");
+    let summary = app.sweep().await;
+    assert_eq!(summary.renewed, 12, "{summary:?}");
+    let most = gateway.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most <= 3, "{most} gateway calls were in flight at once");
+    assert!(most >= 2, "the calls overlapped: at most {most} at once");
+    for sub in &subs {
+        assert_eq!(app.invoices(sub.id).await.len(), 2, "one charge per period");
+    }
+    assert_eq!(app.sweep().await.renewed, 0, "nothing left to renew");
+}

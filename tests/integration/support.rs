@@ -450,3 +450,40 @@ impl PaymentGateway for Unreachable {
         self.inner.card_details(pm).await
     }
 }
+
+/// A gateway that counts its charges in flight and remembers the most seen
+/// at once, holding each for a moment so that they overlap.
+pub struct CountsInFlight {
+    pub inner: Arc<dyn PaymentGateway>,
+    pub now: std::sync::atomic::AtomicUsize,
+    pub most: std::sync::atomic::AtomicUsize,
+}
+
+impl CountsInFlight {
+    pub fn new(inner: Arc<dyn PaymentGateway>) -> CountsInFlight {
+        CountsInFlight {
+            inner,
+            now: std::sync::atomic::AtomicUsize::new(0),
+            most: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl PaymentGateway for CountsInFlight {
+    async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let result = self.inner.charge(req).await;
+        self.now.fetch_sub(1, SeqCst);
+        result
+    }
+    async fn lookup(&self, key: &str) -> Result<Lookup, GatewayError> {
+        self.inner.lookup(key).await
+    }
+    async fn card_details(&self, pm: &str) -> Result<CardDetails, GatewayError> {
+        self.inner.card_details(pm).await
+    }
+}
