@@ -206,16 +206,17 @@ impl WriteTx<'_> {
     /// Releases the savepoint into the batch, lets the next writer in, and
     /// returns once the batch is durable.
     pub(crate) async fn commit(mut self) -> StoreResult<()> {
+        let Some(batch) = self.state.batch.as_mut() else {
+            // Still open: dropped, it is rolled back by the next writer.
+            return Err(failed("no batch transaction was open"));
+        };
+        batch.members += 1;
+        let mut done = batch.done.subscribe();
         // Released by whatever runs next on the connection: the next
         // writer's opening or the batch's COMMIT. If that fails, the batch
         // fails, and this writer with it.
         self.state.release_pending = true;
         self.open = false;
-        let Some(batch) = self.state.batch.as_mut() else {
-            return Err(failed("no batch transaction was open"));
-        };
-        batch.members += 1;
-        let mut done = batch.done.subscribe();
         let _ = self.flush.send(());
         drop(self);
         let answer = done
@@ -344,6 +345,32 @@ mod tests {
         insert(&g, 3).await.rollback().await.unwrap();
         insert(&g, 4).await.commit().await.unwrap();
         assert_eq!(committed(&options).await, vec![1, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_statement_after_a_commit_undoes_only_its_own_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // The first writer commits, leaving the release of its savepoint to
+        // the next opening; the second takes its turn before the flusher
+        // (a current-thread test runtime runs the flusher only when both
+        // wait), fails a statement and goes away mid-way, as a `?` would.
+        let first = insert(&g, 1).await.commit();
+        let second = async {
+            let mut tx = g.begin().await.unwrap();
+            sqlx::query("INSERT INTO t (id) VALUES (2)")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let duplicate = sqlx::query("INSERT INTO t (id) VALUES (1)")
+                .execute(&mut *tx)
+                .await;
+            assert!(duplicate.is_err(), "the first writer's row is there");
+        };
+        let (committed_first, ()) = tokio::join!(first, second);
+        committed_first.unwrap();
+        insert(&g, 3).await.commit().await.unwrap();
+        assert_eq!(committed(&options).await, vec![1, 3]);
     }
 
     #[tokio::test]
