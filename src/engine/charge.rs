@@ -78,7 +78,18 @@ impl Engine {
         let mut work = self.load(lease).await?;
         if let Some(open) = work.last_attempt.clone().filter(|a| a.status.is_open()) {
             let permit = permit(gate).await?;
-            let looked_up = self.gateway.lookup(&open.idempotency_key).await;
+            let looked_up = match tokio::time::timeout(
+                self.config.gateway_timeout.unsigned_abs(),
+                self.gateway.lookup(&open.idempotency_key),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(GatewayError::Unknown(format!(
+                    "no answer to the lookup within gateway.timeout ({})",
+                    self.config.raw.gateway.timeout
+                ))),
+            };
             drop(permit);
             match looked_up {
                 Ok(Lookup::Charged(charge)) => {
@@ -163,6 +174,11 @@ impl Engine {
         let amounts = self.price_year(&work.subscription.plan, &work.customer)?;
         let n = work.renewal.attempt_count + 1;
         let key = idempotency_key(&work, n);
+        // The slot is taken before the attempt is written and held through
+        // the call: the request must follow its attempt at once, since a
+        // lookup that finds nothing `gateway.timeout` after the attempt was
+        // written takes the key as never charged (`settled`).
+        let permit = permit(gate).await?;
         let attempt = self
             .store
             .begin_attempt(
@@ -192,7 +208,6 @@ impl Engine {
             attempt_id: attempt.id,
             subscription_id: work.subscription.id,
         };
-        let permit = permit(gate).await?;
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(
             self.config.gateway_timeout.unsigned_abs(),

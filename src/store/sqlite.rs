@@ -1371,6 +1371,10 @@ impl Store for SqliteStore {
                 r.id.into(),
             ];
             args.extend(r.expect_status.iter().map(Arg::from));
+            if r.expect_status.is_empty() {
+                // The lone `?` above: NULL, which no status matches.
+                args.push(Arg::Text(None));
+            }
             s.push(
                 &format!(
                     "UPDATE requests SET status = ?, resolution = COALESCE(?, resolution), updated_at = ?, \

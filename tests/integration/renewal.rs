@@ -264,12 +264,26 @@ async fn a_sweep_keeps_at_most_renewal_concurrency_gateway_calls_in_flight_and_r
     }
     let gateway = counter.lock().unwrap().clone().unwrap();
     gateway.most.store(0, std::sync::atomic::Ordering::SeqCst);
+    gateway
+        .answered
+        .store(subs.len(), std::sync::atomic::Ordering::SeqCst);
+    *gateway.store.lock().unwrap() = Some(app.engine.store.clone());
     app.set("2028-03-10T03:00:00Z");
     let summary = app.sweep().await;
     assert_eq!(summary.renewed, 12, "{summary:?}");
     let most = gateway.most.load(std::sync::atomic::Ordering::SeqCst);
     assert!(most <= 3, "{most} gateway calls were in flight at once");
     assert!(most >= 2, "the calls overlapped: at most {most} at once");
+    // An attempt is written only once its call has a slot: a request never
+    // waits behind its attempt, whose age decides when a lookup that finds
+    // nothing is trusted.
+    let unanswered = gateway
+        .most_unanswered
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        unanswered <= 3,
+        "{unanswered} attempts were written and not yet answered at once"
+    );
     for sub in &subs {
         assert_eq!(app.invoices(sub.id).await.len(), 2, "one charge per period");
     }

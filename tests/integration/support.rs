@@ -457,6 +457,11 @@ pub struct CountsInFlight {
     pub inner: Arc<dyn PaymentGateway>,
     pub now: std::sync::atomic::AtomicUsize,
     pub most: std::sync::atomic::AtomicUsize,
+    /// When set, each call also counts the attempts written (their
+    /// `charge.attempt` events) and not yet answered by this gateway.
+    pub store: std::sync::Mutex<Option<Arc<dyn Store>>>,
+    pub answered: std::sync::atomic::AtomicUsize,
+    pub most_unanswered: std::sync::atomic::AtomicUsize,
 }
 
 impl CountsInFlight {
@@ -465,6 +470,9 @@ impl CountsInFlight {
             inner,
             now: std::sync::atomic::AtomicUsize::new(0),
             most: std::sync::atomic::AtomicUsize::new(0),
+            store: std::sync::Mutex::new(None),
+            answered: std::sync::atomic::AtomicUsize::new(0),
+            most_unanswered: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -475,8 +483,21 @@ impl PaymentGateway for CountsInFlight {
         use std::sync::atomic::Ordering::SeqCst;
         let n = self.now.fetch_add(1, SeqCst) + 1;
         self.most.fetch_max(n, SeqCst);
+        let store = self.store.lock().unwrap().clone();
+        if let Some(store) = store {
+            let written = store
+                .events(None)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.kind == "charge.attempt")
+                .count();
+            let unanswered = written.saturating_sub(self.answered.load(SeqCst));
+            self.most_unanswered.fetch_max(unanswered, SeqCst);
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let result = self.inner.charge(req).await;
+        self.answered.fetch_add(1, SeqCst);
         self.now.fetch_sub(1, SeqCst);
         result
     }

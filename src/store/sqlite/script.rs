@@ -120,6 +120,15 @@ impl Script {
         if self.sql.is_empty() {
             return Ok(Tagged(Vec::new()));
         }
+        // sqlx hands each `?` the next argument across the statements, so a
+        // statement short of one would shift every later value: count them
+        // (no statement here has a `?` inside a string literal).
+        debug_assert_eq!(
+            self.sql.matches('?').count(),
+            self.args.len(),
+            "placeholders and arguments differ in: {}",
+            self.sql
+        );
         let mut args = SqliteArguments::default();
         for a in self.args {
             let added = match a {
