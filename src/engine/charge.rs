@@ -44,6 +44,9 @@ pub enum Outcome {
     /// The outcome of a charge is not known yet; it will be reconciled.
     Unknown,
     Skipped,
+    /// Handed back untouched: the daemon began to stop before its turn at
+    /// the gateway.
+    Deferred,
 }
 
 /// A permit of `gate`, if there is one.
@@ -179,6 +182,27 @@ impl Engine {
         // lookup that finds nothing `gateway.timeout` after the attempt was
         // written takes the key as never charged (`settled`).
         let permit = permit(gate).await?;
+        if gate.is_some() && self.store.claiming_stopped() {
+            // Shutting down while this renewal waited for its slot: it has
+            // only been read, so it is handed back untouched for the next
+            // start rather than charged after the stop was asked for.
+            self.store
+                .apply(
+                    Change {
+                        lease: Some(lease.clone()),
+                        renewal: Some(RenewalPatch {
+                            status: work.renewal.status,
+                            next_attempt_at: work.renewal.next_attempt_at,
+                            note: None,
+                            release: true,
+                        }),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
+            return Ok(Outcome::Deferred);
+        }
         let attempt = self
             .store
             .begin_attempt(

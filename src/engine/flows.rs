@@ -87,7 +87,7 @@ fn outcome_result(sub_id: i64, outcome: Outcome) -> (Option<Invoice>, Option<Str
                 "the payment outcome is unknown; renewd will reconcile it on the next sweep for subscription {sub_id}"
             )),
         ),
-        Outcome::Expired { .. } | Outcome::Skipped => (None, Some(format!("subscription {sub_id} was not renewed"))),
+        Outcome::Expired { .. } | Outcome::Skipped | Outcome::Deferred => (None, Some(format!("subscription {sub_id} was not renewed"))),
     }
 }
 

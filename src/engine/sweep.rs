@@ -121,8 +121,9 @@ impl Engine {
         // gateway calls allowed in flight (`gate`): each renewal reads and
         // writes the database before and after its call, and meanwhile
         // another takes its gateway slot (renewd bench, "gateway-bound").
-        // The next batch is still claimed only once fewer than
-        // `concurrency` renewals are in hand.
+        // On shutdown, renewals still waiting for a slot are handed back
+        // untouched (`Outcome::Deferred`): only those already at the
+        // gateway finish.
         let gate = tokio::sync::Semaphore::new(concurrency);
         let in_hand = concurrency.saturating_mul(2);
         let mut in_flight = FuturesUnordered::new();
@@ -143,8 +144,7 @@ impl Engine {
                 };
                 in_flight.push(self.process_lease(lease, now, &gate));
             }
-            if queue.is_empty() && claiming.is_none() && !exhausted && in_flight.len() < concurrency
-            {
+            if queue.is_empty() && claiming.is_none() && !exhausted && in_flight.len() < in_hand {
                 claiming = Some(Box::pin(self.claim_batch(now, lead, batch_size, reopen)));
                 reopen = false;
             }
@@ -779,6 +779,7 @@ fn tally(s: &mut SweepSummary, id: i64, r: EngineResult<Outcome>) {
         Ok(Outcome::Issued(_)) => s.invoices_issued += 1,
         Ok(Outcome::Unknown) => s.unknown += 1,
         Ok(Outcome::Skipped) => s.skipped += 1,
+        Ok(Outcome::Deferred) => {}
         Err(e) => {
             // The lease stays until it expires, so this renewal is not retried
             // in a tight loop; the next sweep after the lease runs out takes it

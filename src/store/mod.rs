@@ -776,6 +776,11 @@ pub trait Store: Send + Sync {
     /// A backend without it relies on the daemon's shutdown timeout alone.
     fn stop_claiming(&self) {}
 
+    /// Whether [`Store::stop_claiming`] was called on this handle.
+    fn claiming_stopped(&self) -> bool {
+        false
+    }
+
     /// Queues a failed mail again, due at once with a fresh attempt budget
     /// (`renewd mail retry`); its last error stays for the record. `NotFound`
     /// for no such mail, `Conflict` for one that is not failed.

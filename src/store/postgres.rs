@@ -1879,6 +1879,10 @@ impl Store for PgStore {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    fn claiming_stopped(&self) -> bool {
+        self.is_draining()
+    }
+
     async fn requeue_mail(&self, id: i64, now: Timestamp) -> StoreResult<Mail> {
         let sql = format!(
             "UPDATE outbox SET status = 'queued', attempts = 0, next_attempt_at = $1, lease_token = NULL, \

@@ -1687,6 +1687,10 @@ impl Store for SqliteStore {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    fn claiming_stopped(&self) -> bool {
+        self.is_draining()
+    }
+
     async fn requeue_mail(&self, id: i64, now: Timestamp) -> StoreResult<Mail> {
         let (_guard, mut tx) = self.write_tx().await?;
         let current: Option<(String, i64, i64, i64)> = sqlx::query_as(
