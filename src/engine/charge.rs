@@ -186,21 +186,7 @@ impl Engine {
             // Shutting down while this renewal waited for its slot: it has
             // only been read, so it is handed back untouched for the next
             // start rather than charged after the stop was asked for.
-            self.store
-                .apply(
-                    Change {
-                        lease: Some(lease.clone()),
-                        renewal: Some(RenewalPatch {
-                            status: work.renewal.status,
-                            next_attempt_at: work.renewal.next_attempt_at,
-                            note: None,
-                            release: true,
-                        }),
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .await?;
+            self.release(lease, &work, now).await?;
             return Ok(Outcome::Deferred);
         }
         let attempt = self

@@ -575,7 +575,12 @@ impl Engine {
     }
 
     /// Gives a claimed renewal back untouched.
-    async fn release(&self, lease: &Lease, work: &RenewalWork, now: Timestamp) -> EngineResult<()> {
+    pub(super) async fn release(
+        &self,
+        lease: &Lease,
+        work: &RenewalWork,
+        now: Timestamp,
+    ) -> EngineResult<()> {
         self.store
             .apply(
                 Change {

@@ -148,15 +148,11 @@ pub(crate) struct Tagged(Vec<SqliteRow>);
 impl Tagged {
     /// The rows of the statements tagged `tag`.
     pub(crate) fn rows<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a SqliteRow> + 'a {
-        self.0
-            .iter()
-            .filter(move |r| r.try_get::<&str, _>("tag").is_ok_and(|t| t == tag))
+        self.0.iter().filter(move |r| tagged(r, tag))
     }
 
     pub(crate) fn first(&self, tag: &str) -> Option<&SqliteRow> {
-        self.0
-            .iter()
-            .find(|r| r.try_get::<&str, _>("tag").is_ok_and(|t| t == tag))
+        self.0.iter().find(|r| tagged(r, tag))
     }
 
     pub(crate) fn has(&self, tag: &str) -> bool {
@@ -166,6 +162,11 @@ impl Tagged {
     pub(crate) fn count(&self, tag: &str) -> usize {
         self.rows(tag).count()
     }
+}
+
+/// Whether a row came from a statement tagged `tag`.
+fn tagged(row: &SqliteRow, tag: &str) -> bool {
+    row.try_get::<&str, _>("tag").is_ok_and(|t| t == tag)
 }
 
 #[cfg(test)]
