@@ -1008,17 +1008,19 @@ impl Store for PgStore {
     }
 
     async fn list_subscriptions(&self, f: &SubscriptionFilter) -> StoreResult<Vec<Subscription>> {
-        let status = match f.status {
-            Some(s) => format!("s.status = '{}'", s.as_str()),
-            None => "true".into(),
-        };
-        let sql = format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s \
-             WHERE {status} AND ($1::timestamptz IS NULL OR s.current_period_end < $1) ORDER BY s.id"
-        );
         retrying!(self, "list_subscriptions", async {
-            let rows = sqlx::query(&sql)
-                .bind(f.due_before.map(at))
+            let mut q = QueryBuilder::<Postgres>::new(format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s WHERE true"
+            ));
+            if let Some(status) = f.status {
+                q.push(" AND s.status = ").push_bind(status.as_str());
+            }
+            if let Some(before) = f.due_before {
+                q.push(" AND s.current_period_end < ").push_bind(at(before));
+            }
+            let rows = q
+                .push(" ORDER BY s.id")
+                .build()
                 .fetch_all(&self.pool)
                 .await?;
             rows.iter().map(subscription_from).collect()
@@ -1782,16 +1784,17 @@ impl Store for PgStore {
     }
 
     async fn list_mail(&self, f: &MailFilter) -> StoreResult<Vec<Mail>> {
-        let sql = format!(
-            "SELECT {MAIL_COLUMNS} FROM outbox WHERE ($1::text IS NULL OR status = $1) \
-             AND ($2::bigint IS NULL OR subscription_id = $2) ORDER BY id"
-        );
         retrying!(self, "list_mail", async {
-            let rows = sqlx::query(&sql)
-                .bind(&f.status)
-                .bind(f.subscription_id)
-                .fetch_all(&self.pool)
-                .await?;
+            let mut q = QueryBuilder::<Postgres>::new(format!(
+                "SELECT {MAIL_COLUMNS} FROM outbox WHERE true"
+            ));
+            if let Some(status) = &f.status {
+                q.push(" AND status = ").push_bind(status);
+            }
+            if let Some(id) = f.subscription_id {
+                q.push(" AND subscription_id = ").push_bind(id);
+            }
+            let rows = q.push(" ORDER BY id").build().fetch_all(&self.pool).await?;
             rows.iter().map(mail_from).collect()
         })
     }
@@ -1808,14 +1811,18 @@ impl Store for PgStore {
     }
 
     async fn list_invoices(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Invoice>> {
-        // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
-        let sql = format!(
-            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE ($1::bigint IS NULL OR subscription_id = $1) \
-             ORDER BY series COLLATE \"C\", seq"
-        );
         retrying!(self, "list_invoices", async {
-            let rows = sqlx::query(&sql)
-                .bind(subscription_id)
+            // Each filter only when given, so the index serves it.
+            let mut q = QueryBuilder::<Postgres>::new(format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE true"
+            ));
+            if let Some(id) = subscription_id {
+                q.push(" AND subscription_id = ").push_bind(id);
+            }
+            // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
+            let rows = q
+                .push(" ORDER BY series COLLATE \"C\", seq")
+                .build()
                 .fetch_all(&self.pool)
                 .await?;
             rows.iter().map(invoice_from).collect()
@@ -1824,12 +1831,11 @@ impl Store for PgStore {
 
     async fn events(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Event>> {
         retrying!(self, "events", async {
-            let rows = sqlx::query(
-                "SELECT * FROM events WHERE ($1::bigint IS NULL OR subscription_id = $1) ORDER BY id",
-            )
-            .bind(subscription_id)
-            .fetch_all(&self.pool)
-            .await?;
+            let mut q = QueryBuilder::<Postgres>::new("SELECT * FROM events WHERE true");
+            if let Some(id) = subscription_id {
+                q.push(" AND subscription_id = ").push_bind(id);
+            }
+            let rows = q.push(" ORDER BY id").build().fetch_all(&self.pool).await?;
             rows.iter().map(event_from).collect()
         })
     }

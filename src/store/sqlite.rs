@@ -19,7 +19,7 @@ use jiff::Timestamp;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::*;
 use crate::domain::AutoRenew;
@@ -856,14 +856,21 @@ impl Store for SqliteStore {
     }
 
     async fn list_subscriptions(&self, f: &SubscriptionFilter) -> StoreResult<Vec<Subscription>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s \
-             WHERE (?1 IS NULL OR s.status = ?1) AND (?2 IS NULL OR s.current_period_end < ?2) ORDER BY s.id"
-        ))
-        .bind(f.status.map(|s| s.as_str()))
-        .bind(f.due_before.map(secs))
-        .fetch_all(&self.pool)
-        .await?;
+        let mut q = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s WHERE true"
+        ));
+        if let Some(status) = f.status {
+            q.push(" AND s.status = ").push_bind(status.as_str());
+        }
+        if let Some(before) = f.due_before {
+            q.push(" AND s.current_period_end < ")
+                .push_bind(secs(before));
+        }
+        let rows = q
+            .push(" ORDER BY s.id")
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(subscription_from).collect()
     }
 
@@ -1582,13 +1589,15 @@ impl Store for SqliteStore {
     }
 
     async fn list_mail(&self, f: &MailFilter) -> StoreResult<Vec<Mail>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MAIL_COLUMNS} FROM outbox WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR subscription_id = ?2) ORDER BY id"
-        ))
-        .bind(&f.status)
-        .bind(f.subscription_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut q =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {MAIL_COLUMNS} FROM outbox WHERE true"));
+        if let Some(status) = &f.status {
+            q.push(" AND status = ").push_bind(status);
+        }
+        if let Some(id) = f.subscription_id {
+            q.push(" AND subscription_id = ").push_bind(id);
+        }
+        let rows = q.push(" ORDER BY id").build().fetch_all(&self.pool).await?;
         rows.iter().map(mail_from).collect()
     }
 
@@ -1603,22 +1612,29 @@ impl Store for SqliteStore {
     }
 
     async fn list_invoices(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Invoice>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE (?1 IS NULL OR subscription_id = ?1) ORDER BY series, seq"
-        ))
-        .bind(subscription_id)
-        .fetch_all(&self.pool)
-        .await?;
+        // Each filter only when given: `(? IS NULL OR subscription_id = ?)`
+        // reads the whole table, which a renewal of a transfer subscription
+        // did on every visit (renewd bench, "time travel").
+        let mut q = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE true"
+        ));
+        if let Some(id) = subscription_id {
+            q.push(" AND subscription_id = ").push_bind(id);
+        }
+        let rows = q
+            .push(" ORDER BY series, seq")
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(invoice_from).collect()
     }
 
     async fn events(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Event>> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE (?1 IS NULL OR subscription_id = ?1) ORDER BY id",
-        )
-        .bind(subscription_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE true");
+        if let Some(id) = subscription_id {
+            q.push(" AND subscription_id = ").push_bind(id);
+        }
+        let rows = q.push(" ORDER BY id").build().fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 let detail: Option<String> = r.try_get("detail")?;
