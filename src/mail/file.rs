@@ -36,9 +36,16 @@ impl MailTransport for FileTransport {
         tokio::task::spawn_blocking(move || {
             let transient =
                 |e: std::io::Error| MailError::Transient(format!("{}: {e}", dir.display()));
-            std::fs::create_dir_all(&dir).map_err(transient)?;
             let tmp = path.with_extension("eml.tmp");
-            std::fs::write(&tmp, bytes).map_err(transient)?;
+            // The directory is made when first missing, not checked before
+            // every message (each check takes the state directory's lock).
+            match std::fs::write(&tmp, &bytes) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(&dir).map_err(transient)?;
+                    std::fs::write(&tmp, &bytes).map_err(transient)?;
+                }
+                written => written.map_err(transient)?,
+            }
             std::fs::rename(&tmp, &path).map_err(transient)
         })
         .await
