@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
@@ -50,19 +50,65 @@ impl Engine {
             if batch.is_empty() {
                 return Ok(stats);
             }
-            let token = claim.token.as_str();
-            let mut results = futures::stream::iter(batch)
-                .map(|m| async move {
-                    let outcome = self.send_one(&m, now).await;
-                    self.record(&m, token, outcome, now).await
-                })
-                .buffer_unordered(concurrency);
-            while let Some(result) = results.next().await {
-                match result? {
-                    Recorded::Sent => stats.sent += 1,
+            self.deliver_batch(batch, &claim.token, now, concurrency, &mut stats)
+                .await?;
+        }
+    }
+
+    /// Sends a claimed batch, `concurrency` messages at a time. A failure is
+    /// recorded on its own. Messages the transport accepted are recorded
+    /// together while the sends go on: each write takes every message
+    /// accepted since the last one (one write per message made each wait for
+    /// its own commit: renewd bench, "time travel"). The writes, the sends
+    /// and the failures are polled together, since a write waits for the
+    /// store's writer, which another of them may hold.
+    async fn deliver_batch(
+        &self,
+        batch: Vec<Mail>,
+        token: &str,
+        now: Timestamp,
+        concurrency: usize,
+        stats: &mut DeliveryStats,
+    ) -> EngineResult<()> {
+        let mut sends = futures::stream::iter(batch)
+            .map(|m| async move {
+                let outcome = self.send_one(&m, now).await;
+                (m, outcome)
+            })
+            .buffer_unordered(concurrency);
+        let mut sending = true;
+        let mut accepted: Vec<Mail> = Vec::new();
+        let mut recording = None;
+        let mut failing = FuturesUnordered::new();
+        loop {
+            if recording.is_none() && !accepted.is_empty() {
+                let mails = std::mem::take(&mut accepted);
+                recording = Some(Box::pin(self.record_sent(mails, token, now)));
+            }
+            if !sending && recording.is_none() && failing.is_empty() {
+                return Ok(());
+            }
+            tokio::select! {
+                next = sends.next(), if sending => match next {
+                    Some((m, Ok(()))) => accepted.push(m),
+                    Some((m, Err(e))) => failing.push(async move {
+                        self.record_failure(&m, token, e, now).await
+                    }),
+                    None => sending = false,
+                },
+                Some(failed) = failing.next(), if !failing.is_empty() => match failed? {
                     Recorded::Retrying => stats.retrying += 1,
                     Recorded::Failed => stats.failed += 1,
                     Recorded::LeaseLost => {}
+                },
+                sent = async {
+                    match recording.as_mut() {
+                        Some(r) => r.await,
+                        None => std::future::pending().await,
+                    }
+                }, if recording.is_some() => {
+                    recording = None;
+                    stats.sent += sent?;
                 }
             }
         }
@@ -91,85 +137,93 @@ impl Engine {
         u32::try_from(n).unwrap_or(MAIL_BATCH).clamp(1, MAIL_BATCH)
     }
 
-    async fn record(
+    /// Records messages the transport accepted, in one write; returns how
+    /// many were recorded.
+    async fn record_sent(
+        &self,
+        mails: Vec<Mail>,
+        token: &str,
+        now: Timestamp,
+    ) -> EngineResult<u32> {
+        let ids: Vec<i64> = mails.iter().map(|m| m.id).collect();
+        let recorded = self.store.mails_sent(&ids, token, now).await?;
+        let mut sent = 0;
+        for m in &mails {
+            if recorded.contains(&m.id) {
+                sent += 1;
+                tracing::info!(
+                    mail_id = m.id,
+                    subscription_id = m.subscription_id,
+                    customer_id = m.customer_id,
+                    mail_kind = m.kind.as_str(),
+                    recipient = %mask_email(&m.recipient),
+                    invoice_number = m.invoice_number.as_deref(),
+                    attempts = m.attempts + 1,
+                    outcome = "sent",
+                    "mail delivered"
+                );
+            } else {
+                lease_lost(m, "mail sent but not recorded: the claim was taken over");
+            }
+        }
+        Ok(sent)
+    }
+
+    async fn record_failure(
         &self,
         m: &Mail,
         token: &str,
-        outcome: Result<(), MailError>,
+        e: MailError,
         now: Timestamp,
     ) -> EngineResult<Recorded> {
         let recipient = mask_email(&m.recipient);
-        let result = match outcome {
-            Ok(()) => {
-                let r = self.store.mail_sent(m.id, token, now).await;
-                if r.is_ok() {
-                    tracing::info!(
-                        mail_id = m.id,
-                        subscription_id = m.subscription_id,
-                        customer_id = m.customer_id,
-                        mail_kind = m.kind.as_str(),
-                        recipient = %recipient,
-                        invoice_number = m.invoice_number.as_deref(),
-                        attempts = m.attempts + 1,
-                        outcome = "sent",
-                        "mail delivered"
-                    );
-                }
-                r.map(|()| Recorded::Sent)
+        let attempts = m.attempts + 1;
+        let permanent = !matches!(e, MailError::Transient(_));
+        let retry_at = (!permanent && attempts < i64::from(self.config.raw.mail.max_attempts))
+            .then(|| now.saturating_add(backoff(attempts)).unwrap_or(now));
+        let result = self
+            .store
+            .mail_failed(m.id, token, &e.to_string(), retry_at, now)
+            .await;
+        if result.is_ok() {
+            match retry_at {
+                Some(at) => tracing::warn!(
+                    mail_id = m.id,
+                    subscription_id = m.subscription_id,
+                    customer_id = m.customer_id,
+                    mail_kind = m.kind.as_str(),
+                    recipient = %recipient,
+                    attempts,
+                    retry_at = %at,
+                    error = %e,
+                    outcome = "retrying",
+                    "mail delivery failed; will retry"
+                ),
+                None => tracing::error!(
+                    mail_id = m.id,
+                    subscription_id = m.subscription_id,
+                    customer_id = m.customer_id,
+                    mail_kind = m.kind.as_str(),
+                    recipient = %recipient,
+                    attempts,
+                    error = %e,
+                    outcome = "failed",
+                    "mail delivery failed for good; `renewd mail retry {}` queues it again",
+                    m.id
+                ),
             }
-            Err(e) => {
-                let attempts = m.attempts + 1;
-                let permanent = !matches!(e, MailError::Transient(_));
-                let retry_at = (!permanent
-                    && attempts < i64::from(self.config.raw.mail.max_attempts))
-                .then(|| now.saturating_add(backoff(attempts)).unwrap_or(now));
-                let r = self
-                    .store
-                    .mail_failed(m.id, token, &e.to_string(), retry_at, now)
-                    .await;
-                if r.is_ok() {
-                    match retry_at {
-                        Some(at) => tracing::warn!(
-                            mail_id = m.id,
-                            subscription_id = m.subscription_id,
-                            customer_id = m.customer_id,
-                            mail_kind = m.kind.as_str(),
-                            recipient = %recipient,
-                            attempts,
-                            retry_at = %at,
-                            error = %e,
-                            outcome = "retrying",
-                            "mail delivery failed; will retry"
-                        ),
-                        None => tracing::error!(
-                            mail_id = m.id,
-                            subscription_id = m.subscription_id,
-                            customer_id = m.customer_id,
-                            mail_kind = m.kind.as_str(),
-                            recipient = %recipient,
-                            attempts,
-                            error = %e,
-                            outcome = "failed",
-                            "mail delivery failed for good; `renewd mail retry {}` queues it again",
-                            m.id
-                        ),
-                    }
-                }
-                r.map(|()| {
-                    if retry_at.is_some() {
-                        Recorded::Retrying
-                    } else {
-                        Recorded::Failed
-                    }
-                })
+        }
+        let result = result.map(|()| {
+            if retry_at.is_some() {
+                Recorded::Retrying
+            } else {
+                Recorded::Failed
             }
-        };
+        });
         match result {
             Ok(r) => Ok(r),
-            // Another sender took the row over after our lease ran out; the
-            // row is theirs to record now.
-            Err(StoreError::Conflict(why)) => {
-                tracing::warn!(mail_id = m.id, subscription_id = m.subscription_id, reason = %why, outcome = "lease_lost", "mail outcome not recorded: the claim was taken over");
+            Err(StoreError::Conflict(_)) => {
+                lease_lost(m, "mail outcome not recorded: the claim was taken over");
                 Ok(Recorded::LeaseLost)
             }
             Err(e) => Err(EngineError::from(e)),
@@ -236,10 +290,20 @@ impl Engine {
 }
 
 enum Recorded {
-    Sent,
     Retrying,
     Failed,
     LeaseLost,
+}
+
+/// Another sender took the row over after this claim's lease ran out; the
+/// row is theirs to record now.
+fn lease_lost(m: &Mail, message: &'static str) {
+    tracing::warn!(
+        mail_id = m.id,
+        subscription_id = m.subscription_id,
+        outcome = "lease_lost",
+        "{message}"
+    );
 }
 
 /// Renders a stored mail with the process's templates (see

@@ -22,8 +22,8 @@ use crate::domain::values::CardExpiry;
 use crate::domain::Status;
 use crate::mail::MailKind;
 use crate::store::{
-    Change, Customer, Lease, NewEvent, NewMail, PaymentMethod, QueuedNotice, Scan, Subscription,
-    SubscriptionPatch,
+    Change, Customer, Lease, NewEvent, NewMail, Notice, PaymentMethod, QueuedNotice, Scan,
+    Subscription, SubscriptionPatch,
 };
 
 /// What one sweep did.
@@ -428,76 +428,49 @@ impl Engine {
                 return Ok((queued, errors));
             };
             after = last.0.id;
-            let mut offers = Vec::new();
+            // The batch's notices are queued in one write, in order (one
+            // write per subscription made every notice wait for its own
+            // commit: renewd bench, "time travel").
+            let mut notices = Vec::new();
             for (sub, customer) in batch.iter().filter(|(s, _)| !s.cancel_at_period_end) {
-                let notices = f(sub, customer);
-                if !notices.is_empty() {
-                    offers.push((sub, customer, notices));
+                let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
+                for (kind, offset, ctx) in f(sub, customer) {
+                    notices.push(Notice {
+                        mail: self.new_mail(sub, customer, kind, period_key, offset, ctx),
+                        event: NewEvent {
+                            outcome: Some("queued".into()),
+                            detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
+                            ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
+                        },
+                    });
                 }
             }
-            // Several subscriptions at once, so that their commits share a
-            // flush (one after another, every notice waited for its own
-            // fsync: renewd bench, "time travel"). One subscription's notices
-            // stay in order.
-            let mut queuing = FuturesUnordered::new();
-            for (sub, customer, notices) in offers {
-                queuing.push(self.queue_notices(sub, customer, notices, now));
-                if queuing.len() >= self.config.raw.renewal.concurrency.max(1) {
-                    if let Some((q, e)) = queuing.next().await {
-                        queued += q;
-                        errors += e;
+            match self.store.queue_notices(&notices, now).await {
+                Ok(done) => {
+                    for (n, _) in notices.iter().zip(done).filter(|(_, q)| *q) {
+                        queued += 1;
+                        tracing::info!(
+                            subscription_id = n.mail.subscription_id,
+                            customer_id = n.mail.customer_id,
+                            period_end = %fmt_opt(n.event.period_end),
+                            mail_kind = n.mail.kind.as_str(),
+                            offset_days = n.mail.offset_key,
+                            outcome = "queued",
+                            "notice queued"
+                        );
                     }
                 }
-            }
-            while let Some((q, e)) = queuing.next().await {
-                queued += q;
-                errors += e;
-            }
-        }
-    }
-
-    /// Queues one subscription's notices, in order; returns (queued, errors).
-    async fn queue_notices(
-        &self,
-        sub: &Subscription,
-        customer: &Customer,
-        notices: Vec<(MailKind, i64, serde_json::Value)>,
-        now: Timestamp,
-    ) -> (u32, u32) {
-        let (mut queued, mut errors) = (0, 0);
-        for (kind, offset, ctx) in notices {
-            let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
-            let change = Change {
-                mails: vec![self.new_mail(sub, customer, kind, period_key, offset, ctx)],
-                events: vec![NewEvent {
-                    outcome: Some("queued".into()),
-                    detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
-                    ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
-                }],
-                only_if_mail_is_new: true,
-                ..Default::default()
-            };
-            match self.store.apply(change, now).await {
-                Ok(a) if a.applied => {
-                    queued += 1;
-                    tracing::info!(
-                        subscription_id = sub.id,
-                        customer_id = sub.customer_id,
-                        period_end = %fmt_opt(sub.current_period_end),
-                        mail_kind = kind.as_str(),
-                        offset_days = offset,
-                        outcome = "queued",
-                        "notice queued"
+                Err(e) => {
+                    errors += u32::try_from(notices.len()).unwrap_or(u32::MAX);
+                    tracing::error!(
+                        notices = notices.len(),
+                        first_subscription_id = notices.first().map(|n| n.mail.subscription_id),
+                        error = %e,
+                        "cannot queue notices; the next sweep offers them again"
                     );
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    errors += 1;
-                    tracing::error!(subscription_id = sub.id, error = %e, "cannot queue notice");
-                }
             }
         }
-        (queued, errors)
     }
 
     async fn reminders(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {

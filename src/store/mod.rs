@@ -378,6 +378,14 @@ pub struct Event {
     pub detail: serde_json::Value,
 }
 
+/// A reminder or notice to queue: its mail and the audit event that says
+/// it was queued.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub mail: NewMail,
+    pub event: NewEvent,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct NewEvent {
     pub kind: String,
@@ -710,9 +718,30 @@ pub trait Store: Send + Sync {
 
     async fn apply(&self, change: Change, now: Timestamp) -> StoreResult<Applied>;
 
+    /// Queues notices (each a mail and its audit event), in order and in one
+    /// write where the store can; a notice whose mail is already queued
+    /// writes nothing. Returns, in order, whether each was queued. By
+    /// default one `apply` per notice.
+    async fn queue_notices(&self, notices: &[Notice], now: Timestamp) -> StoreResult<Vec<bool>> {
+        let mut queued = Vec::with_capacity(notices.len());
+        for n in notices {
+            let change = Change {
+                mails: vec![n.mail.clone()],
+                events: vec![n.event.clone()],
+                only_if_mail_is_new: true,
+                ..Default::default()
+            };
+            queued.push(self.apply(change, now).await?.applied);
+        }
+        Ok(queued)
+    }
+
     async fn claim_mail(&self, now: Timestamp, claim: &Claim, limit: u32)
         -> StoreResult<Vec<Mail>>;
-    async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()>;
+    /// Records, in one write, that the transport accepted these messages;
+    /// returns the ids recorded. The others were taken over by another sender
+    /// after this claim's lease ran out, and are theirs to record.
+    async fn mails_sent(&self, ids: &[i64], token: &str, now: Timestamp) -> StoreResult<Vec<i64>>;
     /// Records a failed delivery: retry at `retry_at`, or give up when `None`.
     async fn mail_failed(
         &self,

@@ -1715,37 +1715,44 @@ impl Store for PgStore {
         Ok(mails)
     }
 
-    async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()> {
-        transaction!(self, "mail_sent", idempotent, |tx| async {
-            let sent: Option<(i64, String)> = sqlx::query_as(
+    async fn mails_sent(&self, ids: &[i64], token: &str, now: Timestamp) -> StoreResult<Vec<i64>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        transaction!(self, "mails_sent", idempotent, |tx| async {
+            let sent: Vec<(i64, i64, String)> = sqlx::query_as(
                 "UPDATE outbox SET status = 'sent', sent_at = $1, attempts = attempts + 1, lease_token = NULL, \
-                 lease_expires_at = NULL, last_error = NULL WHERE id = $2 AND lease_token = $3 \
-                 RETURNING subscription_id, kind",
+                 lease_expires_at = NULL, last_error = NULL WHERE id = ANY($2) AND lease_token = $3 \
+                 RETURNING id, subscription_id, kind",
             )
             .bind(at(now))
-            .bind(id)
+            .bind(ids)
             .bind(token)
-            .fetch_optional(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-            let Some((sub, kind)) = sent else {
-                return Err(StoreError::Conflict(format!(
-                    "mail {id} is no longer claimed by this sender"
-                )));
-            };
-            insert_event(
-                tx,
-                &NewEvent {
-                    kind: "mail.sent".into(),
-                    subscription_id: Some(sub),
-                    outcome: Some("sent".into()),
-                    detail: serde_json::json!({"mail_id": id, "mail_kind": kind}),
-                    ..Default::default()
-                },
-                None,
-                now,
-            )
-            .await?;
-            Ok(Finish::Commit(()))
+            let mut sent = sent;
+            sent.sort_by_key(|(id, ..)| *id);
+            for (id, sub, kind) in &sent {
+                insert_event(
+                    tx,
+                    &NewEvent {
+                        kind: "mail.sent".into(),
+                        subscription_id: Some(*sub),
+                        outcome: Some("sent".into()),
+                        detail: serde_json::json!({"mail_id": id, "mail_kind": kind}),
+                        ..Default::default()
+                    },
+                    None,
+                    now,
+                )
+                .await?;
+            }
+            let ids: Vec<i64> = sent.into_iter().map(|(id, ..)| id).collect();
+            Ok(if ids.is_empty() {
+                Finish::Rollback(ids)
+            } else {
+                Finish::Commit(ids)
+            })
         })
     }
 

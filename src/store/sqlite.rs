@@ -108,6 +108,12 @@ impl SqliteStore {
     async fn write_tx(&self) -> StoreResult<((), Tx<'_>)> {
         Ok(((), self.writer.begin().await?))
     }
+
+    /// As `write_tx`, for a write made of scripts run with `Tx::run`: the
+    /// savepoint opens in the first script's round trip.
+    async fn script_tx(&self) -> StoreResult<Tx<'_>> {
+        self.writer.begin_deferred().await
+    }
 }
 
 const SUBSCRIPTION_COLUMNS: &str = "s.id, s.customer_id, s.plan, s.status, s.auto_renew, s.auto_renew_can_enable, \
@@ -351,7 +357,7 @@ fn lease_held(out: &Tagged, lease: &Lease) -> StoreResult<()> {
 /// error (a lost lease explains a failed statement, e.g. the invoice of an
 /// attempt another instance already recorded).
 async fn run_leased(tx: &mut Tx<'_>, s: Script, lease: &Lease) -> StoreResult<Tagged> {
-    match s.run(tx).await {
+    match tx.run(s).await {
         Ok(out) => match lease_held(&out, lease) {
             Ok(()) => Ok(out),
             Err(e) => {
@@ -363,7 +369,7 @@ async fn run_leased(tx: &mut Tx<'_>, s: Script, lease: &Lease) -> StoreResult<Ta
             tx.undo().await?;
             let mut check = Script::default();
             push_lease_check(&mut check, lease);
-            lease_held(&check.run(tx).await?, lease)?;
+            lease_held(&tx.run(check).await?, lease)?;
             Err(e)
         }
     }
@@ -444,6 +450,18 @@ async fn insert_event(
 /// Queues a mail unless the same one is queued already; tagged `mail` when
 /// it was queued.
 fn push_mail(s: &mut Script, m: &NewMail, invoice: &InvoiceRef<'_>, now: Timestamp) {
+    push_mail_returning(s, m, invoice, now, "'mail' AS tag");
+}
+
+/// Inserts a mail unless it is already queued; the row `returning` comes
+/// back when it was inserted.
+fn push_mail_returning(
+    s: &mut Script,
+    m: &NewMail,
+    invoice: &InvoiceRef<'_>,
+    now: Timestamp,
+    returning: &str,
+) {
     let (number, number_args) = invoice.sql();
     let mut args: Vec<Arg> = vec![
         m.subscription_id.into(),
@@ -465,9 +483,31 @@ fn push_mail(s: &mut Script, m: &NewMail, invoice: &InvoiceRef<'_>, now: Timesta
             "INSERT INTO outbox (subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
              invoice_number, context, status, next_attempt_at, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, {number}, ?, 'queued', ?, ?) \
-             ON CONFLICT (subscription_id, period_key, kind, offset_key) DO NOTHING RETURNING 'mail' AS tag"
+             ON CONFLICT (subscription_id, period_key, kind, offset_key) DO NOTHING RETURNING {returning}"
         ),
         args,
+    );
+}
+
+/// An audit event written only if the statement before it (a mail's
+/// insert) wrote a row: `changes()` is 0 after `DO NOTHING`.
+fn push_event_if_inserted(s: &mut Script, e: &NewEvent, now: Timestamp) {
+    s.push(
+        "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, amount_minor, currency, \
+         period_end, idempotency_key, outcome, detail) \
+         SELECT ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ? WHERE changes() = 1",
+        [
+            secs(now).into(),
+            (&e.kind).into(),
+            e.subscription_id.into(),
+            e.customer_id.into(),
+            e.amount_minor.into(),
+            (&e.currency).into(),
+            e.period_end.map(secs).into(),
+            (&e.idempotency_key).into(),
+            (&e.outcome).into(),
+            e.detail.to_string().into(),
+        ],
     );
 }
 
@@ -1237,7 +1277,6 @@ impl Store for SqliteStore {
         a: &NewAttempt,
         now: Timestamp,
     ) -> StoreResult<Attempt> {
-        let (_guard, mut tx) = self.write_tx().await?;
         let draft = serde_json::to_string(&a.invoice_draft)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut s = Script::default();
@@ -1276,6 +1315,7 @@ impl Store for SqliteStore {
                 lease.renewal_id.into(),
             ],
         );
+        let mut tx = self.script_tx().await?;
         let out = run_leased(&mut tx, s, lease).await?;
         let attempt = match out.first("attempt") {
             Some(row) => attempt_from(row)?,
@@ -1292,7 +1332,6 @@ impl Store for SqliteStore {
     }
 
     async fn apply(&self, change: Change, now: Timestamp) -> StoreResult<Applied> {
-        let (_guard, mut tx) = self.write_tx().await?;
         // The whole change is one script (one round trip); what it must find
         // is checked from the tags it returns, in the order the checks were
         // once made statement by statement, and any failure undoes it whole.
@@ -1444,9 +1483,11 @@ impl Store for SqliteStore {
             );
         }
 
+        // The writer's turn is taken only now that the script is built.
+        let mut tx = self.script_tx().await?;
         let out = match change.lease.as_ref() {
             Some(lease) => run_leased(&mut tx, s, lease).await?,
-            None => s.run(&mut tx).await?,
+            None => tx.run(s).await?,
         };
         let refused = if let Some(p) = change
             .subscription
@@ -1502,6 +1543,32 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn queue_notices(&self, notices: &[Notice], now: Timestamp) -> StoreResult<Vec<bool>> {
+        if notices.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One script: each mail is inserted unless already queued (tagged
+        // with its place in the batch when it is), then its event, only if
+        // that insert wrote a row.
+        let mut s = Script::default();
+        for (i, n) in notices.iter().enumerate() {
+            let returning = format!("'mail' AS tag, {i} AS n");
+            push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, &returning);
+            push_event_if_inserted(&mut s, &n.event, now);
+        }
+        let mut tx = self.script_tx().await?;
+        let out = tx.run(s).await?;
+        let mut queued = vec![false; notices.len()];
+        for row in out.rows("mail") {
+            let i = usize::try_from(row.try_get::<i64, _>("n")?).unwrap_or(usize::MAX);
+            if let Some(q) = queued.get_mut(i) {
+                *q = true;
+            }
+        }
+        finish_write(tx, queued.contains(&true)).await?;
+        Ok(queued)
+    }
+
     async fn claim_mail(
         &self,
         now: Timestamp,
@@ -1530,28 +1597,36 @@ impl Store for SqliteStore {
         Ok(mails)
     }
 
-    async fn mail_sent(&self, id: i64, token: &str, now: Timestamp) -> StoreResult<()> {
-        let (_guard, mut tx) = self.write_tx().await?;
-        let mut s = Script::default();
-        s.push(
-            "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, lease_token = NULL, \
-             lease_expires_at = NULL, last_error = NULL WHERE id = ? AND lease_token = ? RETURNING 'sent' AS tag",
-            [secs(now).into(), id.into(), token.into()],
+    async fn mails_sent(&self, ids: &[i64], token: &str, now: Timestamp) -> StoreResult<Vec<i64>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = format!(
+            "[{}]",
+            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
         );
+        let mut s = Script::default();
+        // The events first, from the rows still claimed, then the rows.
         s.push(
             "INSERT INTO events (at, kind, subscription_id, outcome, detail) \
              SELECT ?, 'mail.sent', subscription_id, 'sent', json_object('mail_id', id, 'mail_kind', kind) \
-             FROM outbox WHERE id = ?",
-            [secs(now).into(), id.into()],
+             FROM outbox WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ? ORDER BY id",
+            [secs(now).into(), list.as_str().into(), token.into()],
         );
-        if !s.run(&mut tx).await?.has("sent") {
-            tx.rollback().await?;
-            return Err(StoreError::Conflict(format!(
-                "mail {id} is no longer claimed by this sender"
-            )));
-        }
-        tx.commit().await?;
-        Ok(())
+        s.push(
+            "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, lease_token = NULL, \
+             lease_expires_at = NULL, last_error = NULL \
+             WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ? RETURNING 'sent' AS tag, id",
+            [secs(now).into(), list.as_str().into(), token.into()],
+        );
+        let mut tx = self.script_tx().await?;
+        let done = tx.run(s).await?;
+        let sent = done
+            .rows("sent")
+            .map(|r| r.try_get::<i64, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        finish_write(tx, !sent.is_empty()).await?;
+        Ok(sent)
     }
 
     async fn mail_failed(

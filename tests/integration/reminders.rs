@@ -173,3 +173,70 @@ async fn turning_auto_renew_off_before_the_anniversary_means_no_charge() {
     assert_eq!(app.succeeded_charges().await.len(), 1);
     assert_eq!(app.sub(sub.id).await.status.as_str(), "expired");
 }
+
+/// Notices are queued a batch per write: each queued mail gets exactly one
+/// audit event, one already queued writes nothing, and the order is kept.
+#[tokio::test]
+async fn a_batch_of_notices_queues_each_new_one_with_its_event_and_skips_those_already_queued() {
+    use renewd::store::{NewEvent, NewMail, Notice};
+
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    let notice = |kind: MailKind, offset: i64| Notice {
+        mail: NewMail {
+            subscription_id: sub.id,
+            customer_id: sub.customer_id,
+            kind,
+            period_key: 1_900_000_000,
+            offset_key: offset,
+            recipient: "someone@example.com".into(),
+            locale: "en".into(),
+            context: serde_json::json!({}),
+        },
+        event: NewEvent {
+            outcome: Some("queued".into()),
+            detail: serde_json::json!({"offset_days": offset}),
+            ..NewEvent::new(&format!("mail.{}", kind.as_str()), &sub)
+        },
+    };
+    let store = &app.engine.store;
+    let now = app.now();
+    let first = vec![
+        notice(MailKind::RenewalReminder, 30),
+        notice(MailKind::RenewalReminder, 7),
+    ];
+    assert_eq!(
+        store.queue_notices(&first, now).await.unwrap(),
+        [true, true]
+    );
+    let second = vec![
+        notice(MailKind::RenewalReminder, 30),
+        notice(MailKind::RenewalReminder, 1),
+        notice(MailKind::RenewalReminder, 7),
+    ];
+    assert_eq!(
+        store.queue_notices(&second, now).await.unwrap(),
+        [false, true, false]
+    );
+
+    let offsets: Vec<i64> = app
+        .mails_of(sub.id, MailKind::RenewalReminder)
+        .await
+        .iter()
+        .map(|m| m.offset_key)
+        .collect();
+    assert_eq!(offsets, [30, 7, 1], "queued once each, in order");
+    let events: Vec<serde_json::Value> = app
+        .events_of(sub.id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "mail.renewal_reminder")
+        .map(|e| e.detail["offset_days"].clone())
+        .collect();
+    assert_eq!(
+        events,
+        [30, 7, 1],
+        "one event per queued mail, none for a skipped one"
+    );
+}

@@ -30,6 +30,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
 
+use super::script::{Script, Tagged};
 use crate::store::{StoreError, StoreResult};
 
 /// The batch writer of one store: the connection, and the flusher's signal.
@@ -67,6 +68,9 @@ pub(crate) struct WriteTx<'a> {
     state: MutexGuard<'a, State>,
     flush: &'a mpsc::UnboundedSender<()>,
     open: bool,
+    /// The opening (savepoint) not yet sent: it goes in front of the first
+    /// script this writer runs ([`WriteTx::run`]), in the same round trip.
+    pending: Option<&'static str>,
 }
 
 const SAVEPOINT: &str = "SAVEPOINT renewd_write";
@@ -113,6 +117,22 @@ impl GroupCommit {
     /// Waits for this writer's turn and opens its savepoint in the batch
     /// (opening a batch with BEGIN IMMEDIATE if none is open).
     pub(super) async fn begin(&self) -> StoreResult<WriteTx<'_>> {
+        let mut tx = self.begin_deferred().await?;
+        if let Some(opening) = tx.pending.take() {
+            if let Err(e) = exec(&mut tx.state.conn, opening).await {
+                tx.open = false;
+                tx.state.mark_broken(&e);
+                let _ = self.flush.send(());
+                return Err(e.into());
+            }
+        }
+        Ok(tx)
+    }
+
+    /// As [`GroupCommit::begin`], but the savepoint is opened by the first
+    /// script the writer runs, in the same round trip (one fewer per write).
+    /// Such a writer must write through [`WriteTx::run`] only.
+    pub(super) async fn begin_deferred(&self) -> StoreResult<WriteTx<'_>> {
         let mut state = self.state.lock().await;
         state.repair().await;
         if state.batch.as_ref().is_some_and(|b| b.broken.is_some()) {
@@ -132,15 +152,11 @@ impl GroupCommit {
             SAVEPOINT
         };
         state.release_pending = false;
-        if let Err(e) = exec(&mut state.conn, opening).await {
-            state.mark_broken(&e);
-            let _ = self.flush.send(());
-            return Err(e.into());
-        }
         Ok(WriteTx {
             state,
             flush: &self.flush,
             open: true,
+            pending: Some(opening),
         })
     }
 }
@@ -203,9 +219,35 @@ async fn flusher(state: Arc<Mutex<State>>, mut signals: mpsc::UnboundedReceiver<
 }
 
 impl WriteTx<'_> {
+    /// Runs a script, the savepoint's opening first if it is still pending.
+    /// If the script fails, the opening may or may not have run: undoing
+    /// (ROLLBACK TO) then fails if it did not, and that breaks the batch.
+    pub(crate) async fn run(&mut self, mut script: Script) -> StoreResult<Tagged> {
+        if let Some(opening) = self.pending.take() {
+            script.prepend(opening);
+        }
+        script.run(&mut self.state.conn).await
+    }
+
+    /// Nothing was sent for this writer: its turn ends with nothing to undo,
+    /// and the savepoint it would have released is released by the next.
+    fn never_opened(&mut self) -> bool {
+        match self.pending.take() {
+            Some(opening) => {
+                self.open = false;
+                self.state.release_pending = opening == RELEASE_AND_SAVEPOINT;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Releases the savepoint into the batch, lets the next writer in, and
     /// returns once the batch is durable.
     pub(crate) async fn commit(mut self) -> StoreResult<()> {
+        if self.never_opened() {
+            return Ok(());
+        }
         let Some(batch) = self.state.batch.as_mut() else {
             // Still open: dropped, it is rolled back by the next writer.
             return Err(failed("no batch transaction was open"));
@@ -234,6 +276,9 @@ impl WriteTx<'_> {
     /// Undoes this writer's changes so far; its savepoint stays open, so it
     /// can go on writing, then commit or roll back.
     pub(crate) async fn undo(&mut self) -> StoreResult<()> {
+        if self.pending.is_some() {
+            return Ok(());
+        }
         let result = exec(&mut self.state.conn, "ROLLBACK TO renewd_write").await;
         if let Err(e) = &result {
             self.state.mark_broken(e);
@@ -243,6 +288,9 @@ impl WriteTx<'_> {
 
     /// Undoes this writer's changes; the batch goes on without them.
     pub(crate) async fn rollback(mut self) -> StoreResult<()> {
+        if self.never_opened() {
+            return Ok(());
+        }
         self.open = false;
         let result = exec(&mut self.state.conn, ROLLBACK_TO).await;
         if let Err(e) = &result {
@@ -256,7 +304,7 @@ impl WriteTx<'_> {
 
 impl Drop for WriteTx<'_> {
     fn drop(&mut self) {
-        if self.open {
+        if !self.never_opened() && self.open {
             self.state.dangling = true;
             let _ = self.flush.send(());
         }
@@ -273,6 +321,10 @@ impl Deref for WriteTx<'_> {
 
 impl DerefMut for WriteTx<'_> {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
+        debug_assert!(
+            self.pending.is_none(),
+            "a deferred writer writes through WriteTx::run"
+        );
         &mut self.state.conn
     }
 }
@@ -371,6 +423,59 @@ mod tests {
         committed_first.unwrap();
         insert(&g, 3).await.commit().await.unwrap();
         assert_eq!(committed(&options).await, vec![1, 3]);
+    }
+
+    fn script(sql: &str) -> Script {
+        let mut s = Script::default();
+        s.push(sql, []);
+        s
+    }
+
+    #[tokio::test]
+    async fn a_deferred_writer_opens_its_savepoint_with_its_script_and_a_failure_undoes_only_itself(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // As above, but the second writer's opening (which also releases
+        // the first writer's savepoint) travels with its failing script.
+        let first = insert(&g, 1).await.commit();
+        let second = async {
+            let mut tx = g.begin_deferred().await.unwrap();
+            let failed = tx
+                .run(script(
+                    "INSERT INTO t (id) VALUES (2); INSERT INTO t (id) VALUES (1)",
+                ))
+                .await;
+            assert!(failed.is_err(), "the first writer's row is there");
+            tx.rollback().await.unwrap();
+        };
+        let (committed_first, ()) = tokio::join!(first, second);
+        committed_first.unwrap();
+        let mut third = g.begin_deferred().await.unwrap();
+        third
+            .run(script("INSERT INTO t (id) VALUES (3)"))
+            .await
+            .unwrap();
+        third.commit().await.unwrap();
+        assert_eq!(committed(&options).await, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_deferred_writer_that_sends_nothing_leaves_the_batch_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // The first writer's savepoint is still to be released when the
+        // second, which never runs a script, ends its turn both ways.
+        let first = insert(&g, 1).await.commit();
+        let idle = async {
+            g.begin_deferred().await.unwrap().commit().await.unwrap();
+            g.begin_deferred().await.unwrap().rollback().await.unwrap();
+            drop(g.begin_deferred().await.unwrap());
+            insert(&g, 2).await.commit().await.unwrap();
+        };
+        let (committed_first, ()) = tokio::join!(first, idle);
+        committed_first.unwrap();
+        assert_eq!(committed(&options).await, vec![1, 2]);
     }
 
     #[tokio::test]

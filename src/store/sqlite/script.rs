@@ -109,6 +109,13 @@ impl Script {
         self.args.extend(args);
     }
 
+    /// Puts fixed SQL (statements without `?`) in front of the script.
+    pub(crate) fn prepend(&mut self, sql: &str) {
+        debug_assert!(!sql.contains('?'));
+        self.sql.insert_str(0, ";\n");
+        self.sql.insert_str(0, sql);
+    }
+
     /// Ends the statement written with [`Script::fragment`].
     pub(crate) fn end(&mut self) {
         self.sql.push_str(";\n");
