@@ -1249,25 +1249,29 @@ impl Store for SqliteStore {
     }
 
     async fn renewal_work(&self, renewal_id: i64) -> StoreResult<Option<RenewalWork>> {
-        let row = sqlx::query(&format!(
-            "SELECT {SUBSCRIPTION_COLUMNS}, {CUSTOMER_COLUMNS}, {RENEWAL_COLUMNS} FROM renewals r \
-             JOIN subscriptions s ON s.id = r.subscription_id JOIN customers c ON c.id = s.customer_id WHERE r.id = ?"
-        ))
-        .bind(renewal_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let attempt = sqlx::query(
-            "SELECT * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
-        )
-        .bind(renewal_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        // Both reads in one round trip on one connection.
+        let mut s = Script::default();
+        s.push(
+            &format!(
+                "SELECT 'work' AS tag, {SUBSCRIPTION_COLUMNS}, {CUSTOMER_COLUMNS}, {RENEWAL_COLUMNS} FROM renewals r \
+                 JOIN subscriptions s ON s.id = r.subscription_id JOIN customers c ON c.id = s.customer_id WHERE r.id = ?"
+            ),
+            [renewal_id.into()],
+        );
+        s.push(
+            "SELECT 'attempt' AS tag, * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
+            [renewal_id.into()],
+        );
+        let mut conn = self.pool.acquire().await?;
+        let out = s.run(&mut conn).await?;
+        let Some(row) = out.first("work") else {
+            return Ok(None);
+        };
         Ok(Some(RenewalWork {
-            renewal: renewal_from(&row)?,
-            subscription: subscription_from(&row)?,
-            customer: customer_from(&row, "c_")?,
-            last_attempt: attempt.map(|a| attempt_from(&a)).transpose()?,
+            renewal: renewal_from(row)?,
+            subscription: subscription_from(row)?,
+            customer: customer_from(row, "c_")?,
+            last_attempt: out.first("attempt").map(attempt_from).transpose()?,
         }))
     }
 
