@@ -128,8 +128,12 @@ impl Engine {
     }
 
     /// As many rows as can be sent, `concurrency` at a time and each taking
-    /// up to the SMTP timeout, well inside one lease.
+    /// up to the SMTP timeout, well inside one lease. A file is written in
+    /// milliseconds: the file transport takes the largest batch.
     fn mail_batch_size(&self, concurrency: usize) -> u32 {
+        if self.config.raw.mail.transport == MailTransportKind::File {
+            return MAIL_BATCH;
+        }
         let lease = Duration::try_from(self.config.lease).unwrap_or(Duration::from_secs(60));
         let timeout = humantime_secs(&self.config.raw.mail.smtp.timeout).max(1);
         let rounds = (lease.as_secs() / 2 / timeout).max(1);

@@ -1554,7 +1554,7 @@ impl Store for SqliteStore {
         // One script: each mail is inserted unless already queued (tagged
         // with its place in the batch when it is), then its event, only if
         // that insert wrote a row.
-        let mut s = Script::default();
+        let mut s = Script::one_off();
         for (i, n) in notices.iter().enumerate() {
             let returning = format!("'mail' AS tag, {i} AS n");
             push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, &returning);

@@ -93,6 +93,10 @@ impl From<Option<&str>> for Arg {
 pub(crate) struct Script {
     sql: String,
     args: Vec<Arg>,
+    /// Not kept in the connection's statement cache: its text is one of a
+    /// kind (a batch), and a cached batch of hundreds of statements holds
+    /// their prepared forms for as long as it stays cached.
+    one_off: bool,
 }
 
 impl Script {
@@ -107,6 +111,14 @@ impl Script {
     pub(crate) fn fragment(&mut self, sql: &str, args: impl IntoIterator<Item = Arg>) {
         self.sql.push_str(sql);
         self.args.extend(args);
+    }
+
+    /// A script whose text is unlikely to recur (see `one_off`).
+    pub(crate) fn one_off() -> Script {
+        Script {
+            one_off: true,
+            ..Script::default()
+        }
     }
 
     /// Puts fixed SQL (statements without `?`) in front of the script.
@@ -144,7 +156,10 @@ impl Script {
             };
             added.map_err(|e| StoreError::Corrupt(format!("cannot bind a value: {e}")))?;
         }
-        let rows = sqlx::query_with(&self.sql, args).fetch_all(conn).await?;
+        let rows = sqlx::query_with(&self.sql, args)
+            .persistent(!self.one_off)
+            .fetch_all(conn)
+            .await?;
         Ok(Tagged(rows))
     }
 }
