@@ -6,8 +6,10 @@
 //!
 //! At-least-once, never silently dropped: a row is marked sent only after
 //! the transport accepted it, so a crash between the relay's acceptance and
-//! our commit sends it again on the next run, with the same `Message-ID`
-//! (the receiver can drop the copy). A claim is sized so that a batch of
+//! the write that records it sends it again on the next run, with the same
+//! `Message-ID` (the receiver can drop the copy). Accepted messages are
+//! recorded in groups (every one accepted since the last write), so such a
+//! crash resends at most the messages of one group. A claim is sized so that a batch of
 //! slow sends still finishes inside its lease; otherwise another sender
 //! could claim the same rows and send them twice.
 
