@@ -399,32 +399,19 @@ impl InvoiceRef<'_> {
 }
 
 /// One INSERT for all of a write's events, in order.
+/// The events columns, in the order of [`event_args`].
+const EVENT_INSERT: &str =
+    "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, \
+     amount_minor, currency, period_end, idempotency_key, outcome, detail)";
+
 fn push_events(s: &mut Script, events: &[NewEvent], invoice: &InvoiceRef<'_>, now: Timestamp) {
     if events.is_empty() {
         return;
     }
-    s.fragment(
-        "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, amount_minor, currency, \
-         period_end, idempotency_key, outcome, detail) VALUES ",
-        [],
-    );
+    s.fragment(&format!("{EVENT_INSERT} VALUES "), []);
     for (i, e) in events.iter().enumerate() {
         let (number, number_args) = invoice.sql();
-        let mut args: Vec<Arg> = vec![
-            secs(now).into(),
-            (&e.kind).into(),
-            e.subscription_id.into(),
-            e.customer_id.into(),
-        ];
-        args.extend(number_args);
-        args.extend([
-            e.amount_minor.into(),
-            (&e.currency).into(),
-            e.period_end.map(secs).into(),
-            (&e.idempotency_key).into(),
-            (&e.outcome).into(),
-            e.detail.to_string().into(),
-        ]);
+        let args = event_args(e, number_args, now);
         let sep = if i == 0 { "" } else { ", " };
         s.fragment(
             &format!("{sep}(?, ?, ?, ?, {number}, ?, ?, ?, ?, ?, ?)"),
@@ -493,22 +480,30 @@ fn push_mail_returning(
 /// insert) wrote a row: `changes()` is 0 after `DO NOTHING`.
 fn push_event_if_inserted(s: &mut Script, e: &NewEvent, now: Timestamp) {
     s.push(
-        "INSERT INTO events (at, kind, subscription_id, customer_id, invoice_number, amount_minor, currency, \
-         period_end, idempotency_key, outcome, detail) \
-         SELECT ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ? WHERE changes() = 1",
-        [
-            secs(now).into(),
-            (&e.kind).into(),
-            e.subscription_id.into(),
-            e.customer_id.into(),
-            e.amount_minor.into(),
-            (&e.currency).into(),
-            e.period_end.map(secs).into(),
-            (&e.idempotency_key).into(),
-            (&e.outcome).into(),
-            e.detail.to_string().into(),
-        ],
+        &format!("{EVENT_INSERT} SELECT ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ? WHERE changes() = 1"),
+        event_args(e, Vec::new(), now),
     );
+}
+
+/// An event's values in column order, its invoice number as the arguments
+/// of that column's SQL.
+fn event_args(e: &NewEvent, number_args: Vec<Arg>, now: Timestamp) -> Vec<Arg> {
+    let mut args: Vec<Arg> = vec![
+        secs(now).into(),
+        (&e.kind).into(),
+        e.subscription_id.into(),
+        e.customer_id.into(),
+    ];
+    args.extend(number_args);
+    args.extend([
+        e.amount_minor.into(),
+        (&e.currency).into(),
+        e.period_end.map(secs).into(),
+        (&e.idempotency_key).into(),
+        (&e.outcome).into(),
+        e.detail.to_string().into(),
+    ]);
+    args
 }
 
 /// Issues an invoice with the next number of its series. The counter row is

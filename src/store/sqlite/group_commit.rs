@@ -46,11 +46,29 @@ struct State {
     /// A writer's savepoint is still open: its [`WriteTx`] was dropped
     /// without commit or rollback (an early `?` return, or a cancelled
     /// task). The next holder of the mutex rolls it back first.
-    dangling: bool,
+    dangling: Option<Savepoint>,
     /// The last writer committed: its savepoint is released by the next
     /// writer's opening (or by the batch's COMMIT), which saves each write a
     /// round trip of its own.
-    release_pending: bool,
+    release_pending: Option<Savepoint>,
+    /// Numbers the writers' savepoints: each has a name of its own, so
+    /// undoing one whose opening never ran fails (and breaks the batch)
+    /// instead of undoing the writer before it.
+    writers: u64,
+}
+
+/// A writer's savepoint, by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Savepoint(u64);
+
+impl Savepoint {
+    fn name(self) -> String {
+        format!("renewd_write_{}", self.0)
+    }
+
+    fn rollback_to(self) -> String {
+        format!("ROLLBACK TO {0}; RELEASE {0}", self.name())
+    }
 }
 
 struct Batch {
@@ -68,26 +86,21 @@ pub(crate) struct WriteTx<'a> {
     state: MutexGuard<'a, State>,
     flush: &'a mpsc::UnboundedSender<()>,
     open: bool,
+    savepoint: Savepoint,
+    /// The last writer's savepoint, released by this one's opening.
+    releases: Option<Savepoint>,
     /// The opening (savepoint) not yet sent: it goes in front of the first
     /// script this writer runs ([`WriteTx::run`]), in the same round trip.
-    pending: Option<&'static str>,
+    pending: Option<String>,
 }
-
-const SAVEPOINT: &str = "SAVEPOINT renewd_write";
-/// The last writer's savepoint released into the batch, and this writer's opened.
-const RELEASE_AND_SAVEPOINT: &str = "RELEASE renewd_write; SAVEPOINT renewd_write";
-const ROLLBACK_TO: &str = "ROLLBACK TO renewd_write; RELEASE renewd_write";
 
 /// Runs fixed SQL (one or more statements) on the write connection in one
 /// round trip. Boxed with explicit lifetimes: as a plain `async fn` over
 /// sqlx's generic executor, the futures of the store's methods stop being
 /// provably `Send`.
-fn exec<'c>(
-    conn: &'c mut SqliteConnection,
-    sql: &'static str,
-) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+fn exec(conn: &mut SqliteConnection, sql: String) -> BoxFuture<'_, Result<(), sqlx::Error>> {
     Box::pin(async move {
-        sqlx::query(sql).execute(&mut *conn).await?;
+        sqlx::query(&sql).execute(&mut *conn).await?;
         Ok(())
     })
 }
@@ -106,8 +119,9 @@ impl GroupCommit {
         let state = Arc::new(Mutex::new(State {
             conn,
             batch: None,
-            dangling: false,
-            release_pending: false,
+            dangling: None,
+            release_pending: None,
+            writers: 0,
         }));
         let (flush, signals) = mpsc::unbounded_channel();
         tokio::spawn(flusher(state.clone(), signals));
@@ -139,23 +153,28 @@ impl GroupCommit {
             state.finish().await;
         }
         if state.batch.is_none() {
-            exec(&mut state.conn, "BEGIN IMMEDIATE").await?;
+            exec(&mut state.conn, "BEGIN IMMEDIATE".into()).await?;
             state.batch = Some(Batch {
                 members: 0,
                 broken: None,
                 done: watch::channel(None).0,
             });
         }
-        let opening = if state.release_pending {
-            RELEASE_AND_SAVEPOINT
-        } else {
-            SAVEPOINT
+        state.writers += 1;
+        let savepoint = Savepoint(state.writers);
+        // The last writer's savepoint released into the batch, and this
+        // writer's opened.
+        let releases = state.release_pending.take();
+        let opening = match releases {
+            Some(last) => format!("RELEASE {}; SAVEPOINT {}", last.name(), savepoint.name()),
+            None => format!("SAVEPOINT {}", savepoint.name()),
         };
-        state.release_pending = false;
         Ok(WriteTx {
             state,
             flush: &self.flush,
             open: true,
+            savepoint,
+            releases,
             pending: Some(opening),
         })
     }
@@ -170,9 +189,8 @@ impl State {
 
     /// Rolls back the savepoint of a writer that went away mid-way.
     async fn repair(&mut self) {
-        if self.dangling {
-            self.dangling = false;
-            if let Err(e) = exec(&mut self.conn, ROLLBACK_TO).await {
+        if let Some(savepoint) = self.dangling.take() {
+            if let Err(e) = exec(&mut self.conn, savepoint.rollback_to()).await {
                 self.mark_broken(&e);
             }
         }
@@ -186,20 +204,20 @@ impl State {
             return;
         };
         // COMMIT releases the last writer's savepoint with the rest.
-        self.release_pending = false;
+        self.release_pending = None;
         let result = match batch.broken {
             Some(why) => {
                 // SQLite may have rolled back already; this only makes sure.
-                let _ = exec(&mut self.conn, "ROLLBACK").await;
+                let _ = exec(&mut self.conn, "ROLLBACK".into()).await;
                 Err(why)
             }
-            None if batch.members == 0 => exec(&mut self.conn, "ROLLBACK")
+            None if batch.members == 0 => exec(&mut self.conn, "ROLLBACK".into())
                 .await
                 .map_err(|e| e.to_string()),
-            None => match exec(&mut self.conn, "COMMIT").await {
+            None => match exec(&mut self.conn, "COMMIT".into()).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
-                    let _ = exec(&mut self.conn, "ROLLBACK").await;
+                    let _ = exec(&mut self.conn, "ROLLBACK".into()).await;
                     Err(e.to_string())
                 }
             },
@@ -221,25 +239,26 @@ async fn flusher(state: Arc<Mutex<State>>, mut signals: mpsc::UnboundedReceiver<
 impl WriteTx<'_> {
     /// Runs a script, the savepoint's opening first if it is still pending.
     /// If the script fails, the opening may or may not have run: undoing
-    /// (ROLLBACK TO) then fails if it did not, and that breaks the batch.
+    /// (ROLLBACK TO this writer's own savepoint) then fails if it did not,
+    /// and that breaks the batch.
     pub(crate) async fn run(&mut self, mut script: Script) -> StoreResult<Tagged> {
         if let Some(opening) = self.pending.take() {
-            script.prepend(opening);
+            script.prepend(&opening);
         }
         script.run(&mut self.state.conn).await
     }
 
     /// Nothing was sent for this writer: its turn ends with nothing to undo,
     /// and the savepoint it would have released is released by the next.
+    /// The flusher is told, in case this writer opened the batch.
     fn never_opened(&mut self) -> bool {
-        match self.pending.take() {
-            Some(opening) => {
-                self.open = false;
-                self.state.release_pending = opening == RELEASE_AND_SAVEPOINT;
-                true
-            }
-            None => false,
+        if self.pending.take().is_none() {
+            return false;
         }
+        self.open = false;
+        self.state.release_pending = self.releases;
+        let _ = self.flush.send(());
+        true
     }
 
     /// Releases the savepoint into the batch, lets the next writer in, and
@@ -257,7 +276,7 @@ impl WriteTx<'_> {
         // Released by whatever runs next on the connection: the next
         // writer's opening or the batch's COMMIT. If that fails, the batch
         // fails, and this writer with it.
-        self.state.release_pending = true;
+        self.state.release_pending = Some(self.savepoint);
         self.open = false;
         let _ = self.flush.send(());
         drop(self);
@@ -279,7 +298,8 @@ impl WriteTx<'_> {
         if self.pending.is_some() {
             return Ok(());
         }
-        let result = exec(&mut self.state.conn, "ROLLBACK TO renewd_write").await;
+        let sql = format!("ROLLBACK TO {}", self.savepoint.name());
+        let result = exec(&mut self.state.conn, sql).await;
         if let Err(e) = &result {
             self.state.mark_broken(e);
         }
@@ -292,7 +312,7 @@ impl WriteTx<'_> {
             return Ok(());
         }
         self.open = false;
-        let result = exec(&mut self.state.conn, ROLLBACK_TO).await;
+        let result = exec(&mut self.state.conn, self.savepoint.rollback_to()).await;
         if let Err(e) = &result {
             self.state.mark_broken(e);
         }
@@ -305,7 +325,7 @@ impl WriteTx<'_> {
 impl Drop for WriteTx<'_> {
     fn drop(&mut self) {
         if !self.never_opened() && self.open {
-            self.state.dangling = true;
+            self.state.dangling = Some(self.savepoint);
             let _ = self.flush.send(());
         }
     }
@@ -476,6 +496,28 @@ mod tests {
         let (committed_first, ()) = tokio::join!(first, idle);
         committed_first.unwrap();
         assert_eq!(committed(&options).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_opening_never_ran_breaks_the_batch_instead_of_undoing_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // The second writer's opening (which would also release the first
+        // writer's savepoint) is lost before it reaches SQLite, as if its
+        // script failed to start; then the writer goes away. Undoing it
+        // must not undo the first writer, whose commit would then report a
+        // write that is not there: the batch fails, and says so.
+        let first = insert(&g, 1).await.commit();
+        let second = async {
+            let mut tx = g.begin_deferred().await.unwrap();
+            assert!(tx.pending.take().is_some());
+            drop(tx);
+        };
+        let (committed_first, ()) = tokio::join!(first, second);
+        assert!(committed_first.is_err(), "the first writer is told");
+        assert_eq!(committed(&options).await, Vec::<i64>::new());
+        insert(&g, 3).await.commit().await.unwrap();
+        assert_eq!(committed(&options).await, vec![3]);
     }
 
     #[tokio::test]
