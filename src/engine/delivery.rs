@@ -8,11 +8,14 @@
 //! the transport accepted it, so a crash between the relay's acceptance and
 //! the write that records it sends it again on the next run, with the same
 //! `Message-ID` (the receiver can drop the copy). Accepted messages are
-//! recorded in groups (every one accepted since the last write), so such a
-//! crash resends at most the messages of one group. A claim is sized so that a batch of
+//! recorded in groups (every one accepted since the last write began), so
+//! such a crash resends the group being written, those accepted since, and
+//! those still at the relay. A store error stops a batch from sending more,
+//! but what was already accepted is still recorded first. A claim is sized so that a batch of
 //! slow sends still finishes inside its lease; otherwise another sender
 //! could claim the same rows and send them twice.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -72,36 +75,52 @@ impl Engine {
         concurrency: usize,
         stats: &mut DeliveryStats,
     ) -> EngineResult<()> {
+        // After an error, messages not yet started are left claimed (their
+        // lease runs out and the next sender takes them); those already
+        // sent are still recorded before the error is returned.
+        let stopping = AtomicBool::new(false);
+        let stopping = &stopping;
         let mut sends = futures::stream::iter(batch)
             .map(|m| async move {
+                if stopping.load(Ordering::Relaxed) {
+                    return (m, None);
+                }
                 let outcome = self.send_one(&m, now).await;
-                (m, outcome)
+                (m, Some(outcome))
             })
             .buffer_unordered(concurrency);
         let mut sending = true;
         let mut accepted: Vec<Mail> = Vec::new();
         let mut recording = None;
         let mut failing = FuturesUnordered::new();
+        let mut error = None;
         loop {
             if recording.is_none() && !accepted.is_empty() {
                 let mails = std::mem::take(&mut accepted);
                 recording = Some(Box::pin(self.record_sent(mails, token, now)));
             }
             if !sending && recording.is_none() && failing.is_empty() {
-                return Ok(());
+                return error.map_or(Ok(()), Err);
             }
             tokio::select! {
-                next = sends.next(), if sending => match next {
-                    Some((m, Ok(()))) => accepted.push(m),
-                    Some((m, Err(e))) => failing.push(async move {
+                // Failure records wait their turn like sends did: no more
+                // than `concurrency` at once.
+                next = sends.next(), if sending && failing.len() < concurrency => match next {
+                    Some((m, Some(Ok(())))) => accepted.push(m),
+                    Some((m, Some(Err(e)))) => failing.push(async move {
                         self.record_failure(&m, token, e, now).await
                     }),
+                    Some((_, None)) => {}
                     None => sending = false,
                 },
-                Some(failed) = failing.next(), if !failing.is_empty() => match failed? {
-                    Recorded::Retrying => stats.retrying += 1,
-                    Recorded::Failed => stats.failed += 1,
-                    Recorded::LeaseLost => {}
+                Some(failed) = failing.next(), if !failing.is_empty() => match failed {
+                    Ok(Recorded::Retrying) => stats.retrying += 1,
+                    Ok(Recorded::Failed) => stats.failed += 1,
+                    Ok(Recorded::LeaseLost) => {}
+                    Err(e) => {
+                        stopping.store(true, Ordering::Relaxed);
+                        error.get_or_insert(e);
+                    }
                 },
                 sent = async {
                     match recording.as_mut() {
@@ -110,7 +129,13 @@ impl Engine {
                     }
                 }, if recording.is_some() => {
                     recording = None;
-                    stats.sent += sent?;
+                    match sent {
+                        Ok(n) => stats.sent += n,
+                        Err(e) => {
+                            stopping.store(true, Ordering::Relaxed);
+                            error.get_or_insert(e);
+                        }
+                    }
                 }
             }
         }

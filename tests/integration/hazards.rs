@@ -419,12 +419,16 @@ async fn downtime_longer_than_the_grace_period_still_charges_instead_of_expiring
 
 /// Sent mail is recorded a batch per write, and only by the sender whose
 /// claim still holds: rows another sender took over after the first one's
-/// lease ran out are left for the new holder to record.
+/// lease ran out are left for the new holder to record, events included,
+/// while the rest of the batch is recorded.
 #[tokio::test]
 async fn sent_mail_is_recorded_only_by_the_sender_still_holding_the_claim() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let c = app.customer("UTC", "en", "US", "USD").await;
-    let sub = app.purchase(c, "pm_card_visa").await;
+    let subs = [
+        app.purchase(c, "pm_card_visa").await.id,
+        app.purchase(c, "pm_card_visa").await.id,
+    ];
     let store = &app.engine.store;
     let claim = |token: &str, at: jiff::Timestamp| Claim {
         token: token.into(),
@@ -433,27 +437,32 @@ async fn sent_mail_is_recorded_only_by_the_sender_still_holding_the_claim() {
     };
     let now = app.now();
     let first = store.claim_mail(now, &claim("a", now), 100).await.unwrap();
-    assert!(!first.is_empty(), "the purchase queued mail");
     let ids: Vec<i64> = first.iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 2, "one order confirmation per purchase");
 
-    // The first sender's lease runs out; another claims the same rows.
+    // The first sender's lease runs out; another claims the first row only.
     let later = now + jiff::SignedDuration::from_mins(2);
     let second = store
-        .claim_mail(later, &claim("b", later), 100)
+        .claim_mail(later, &claim("b", later), 1)
         .await
         .unwrap();
-    assert_eq!(second.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    assert_eq!(second.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[0]]);
 
-    assert_eq!(
-        store.mails_sent(&ids, "a", later).await.unwrap(),
-        Vec::<i64>::new()
-    );
-    assert!(app.mails(sub.id).await.iter().all(|m| m.status == "queued"));
+    let status = |mails: Vec<renewd::store::Mail>| -> Vec<String> {
+        mails.into_iter().map(|m| m.status).collect()
+    };
     let sent_events =
         |events: Vec<renewd::store::Event>| events.iter().filter(|e| e.kind == "mail.sent").count();
-    assert_eq!(sent_events(app.events_of(sub.id).await), 0);
+    // The first sender records what it still holds, and only that.
+    assert_eq!(store.mails_sent(&ids, "a", later).await.unwrap(), [ids[1]]);
+    assert_eq!(status(app.mails(subs[0]).await), ["queued"]);
+    assert_eq!(status(app.mails(subs[1]).await), ["sent"]);
+    assert_eq!(sent_events(app.events_of(subs[0]).await), 0);
+    assert_eq!(sent_events(app.events_of(subs[1]).await), 1);
 
-    assert_eq!(store.mails_sent(&ids, "b", later).await.unwrap(), ids);
-    assert!(app.mails(sub.id).await.iter().all(|m| m.status == "sent"));
-    assert_eq!(sent_events(app.events_of(sub.id).await), ids.len());
+    // The new holder records its row.
+    assert_eq!(store.mails_sent(&ids, "b", later).await.unwrap(), [ids[0]]);
+    assert_eq!(status(app.mails(subs[0]).await), ["sent"]);
+    assert_eq!(sent_events(app.events_of(subs[0]).await), 1);
+    assert_eq!(sent_events(app.events_of(subs[1]).await), 1);
 }
