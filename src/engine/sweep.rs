@@ -445,9 +445,10 @@ impl Engine {
                     });
                 }
             }
-            match self.store.queue_notices(&notices, now).await {
-                Ok(done) => {
-                    for (n, _) in notices.iter().zip(done).filter(|(_, q)| *q) {
+            let results = self.store.queue_notices(&notices, now).await;
+            for (n, result) in notices.iter().zip(results) {
+                match result {
+                    Ok(true) => {
                         queued += 1;
                         tracing::info!(
                             subscription_id = n.mail.subscription_id,
@@ -459,15 +460,16 @@ impl Engine {
                             "notice queued"
                         );
                     }
-                }
-                Err(e) => {
-                    errors += u32::try_from(notices.len()).unwrap_or(u32::MAX);
-                    tracing::error!(
-                        notices = notices.len(),
-                        first_subscription_id = notices.first().map(|n| n.mail.subscription_id),
-                        error = %e,
-                        "cannot queue notices; the next sweep offers them again"
-                    );
+                    Ok(false) => {}
+                    Err(e) => {
+                        errors += 1;
+                        tracing::error!(
+                            subscription_id = n.mail.subscription_id,
+                            mail_kind = n.mail.kind.as_str(),
+                            error = %e,
+                            "cannot queue notice; the next sweep offers it again"
+                        );
+                    }
                 }
             }
         }

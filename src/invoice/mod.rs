@@ -187,7 +187,6 @@ pub(crate) fn prepare(
     })
 }
 
-/// Renders the invoice as a standalone HTML document.
 /// The invoice template, compiled once per process (compiling it for every
 /// document was a visible share of a mail batch: renewd bench, "time travel").
 fn html_environment() -> Result<&'static Environment<'static>, &'static minijinja::Error> {
@@ -202,6 +201,7 @@ fn html_environment() -> Result<&'static Environment<'static>, &'static minijinj
     .as_ref()
 }
 
+/// Renders the invoice as a standalone HTML document.
 pub fn render_html(inv: &Invoice) -> Result<String, DocumentError> {
     let fail = |e: String| DocumentError::Render(inv.number.clone(), e);
     let p = prepare(inv, None)?;

@@ -720,20 +720,10 @@ pub trait Store: Send + Sync {
 
     /// Queues notices (each a mail and its audit event), in order and in one
     /// write where the store can; a notice whose mail is already queued
-    /// writes nothing. Returns, in order, whether each was queued. By
-    /// default one `apply` per notice.
-    async fn queue_notices(&self, notices: &[Notice], now: Timestamp) -> StoreResult<Vec<bool>> {
-        let mut queued = Vec::with_capacity(notices.len());
-        for n in notices {
-            let change = Change {
-                mails: vec![n.mail.clone()],
-                events: vec![n.event.clone()],
-                only_if_mail_is_new: true,
-                ..Default::default()
-            };
-            queued.push(self.apply(change, now).await?.applied);
-        }
-        Ok(queued)
+    /// writes nothing. Returns, in order, whether each was queued, or why it
+    /// could not be. By default one `apply` per notice ([`queue_each`]).
+    async fn queue_notices(&self, notices: &[Notice], now: Timestamp) -> Vec<StoreResult<bool>> {
+        queue_each(self, notices, now).await
     }
 
     async fn claim_mail(&self, now: Timestamp, claim: &Claim, limit: u32)
@@ -814,4 +804,51 @@ pub trait Store: Send + Sync {
     /// (`renewd mail retry`); its last error stays for the record. `NotFound`
     /// for no such mail, `Conflict` for one that is not failed.
     async fn requeue_mail(&self, id: i64, now: Timestamp) -> StoreResult<Mail>;
+}
+
+/// Notices queued one `apply` each: one subscription's in order, several
+/// subscriptions at once (their commits can share a flush). A failure is
+/// that notice's alone.
+pub(crate) async fn queue_each<S: Store + ?Sized>(
+    store: &S,
+    notices: &[Notice],
+    now: Timestamp,
+) -> Vec<StoreResult<bool>> {
+    use futures::StreamExt;
+    const AT_ONCE: usize = 8;
+    let mut running = futures::stream::FuturesOrdered::new();
+    let mut out = Vec::with_capacity(notices.len());
+    for group in notices.chunk_by(|a, b| a.mail.subscription_id == b.mail.subscription_id) {
+        running.push_back(queue_group(store, group, now));
+        if running.len() >= AT_ONCE {
+            if let Some(done) = running.next().await {
+                out.extend(done);
+            }
+        }
+    }
+    while let Some(done) = running.next().await {
+        out.extend(done);
+    }
+    out
+}
+
+/// One subscription's notices, in order.
+fn queue_group<'a, S: Store + ?Sized>(
+    store: &'a S,
+    group: &'a [Notice],
+    now: Timestamp,
+) -> futures::future::BoxFuture<'a, Vec<StoreResult<bool>>> {
+    Box::pin(async move {
+        let mut out = Vec::with_capacity(group.len());
+        for n in group {
+            let change = Change {
+                mails: vec![n.mail.clone()],
+                events: vec![n.event.clone()],
+                only_if_mail_is_new: true,
+                ..Default::default()
+            };
+            out.push(store.apply(change, now).await.map(|a| a.applied));
+        }
+        out
+    })
 }

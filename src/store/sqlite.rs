@@ -109,6 +109,32 @@ impl SqliteStore {
         Ok(((), self.writer.begin().await?))
     }
 
+    /// A batch of notices in one script: each mail is inserted unless
+    /// already queued (then a row tagged with its place in the batch comes
+    /// back), then its event, only if that insert wrote a row.
+    async fn queue_batch(&self, notices: &[Notice], now: Timestamp) -> StoreResult<Vec<bool>> {
+        if notices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut s = Script::one_off();
+        for (i, n) in notices.iter().enumerate() {
+            let returning = format!("'mail' AS tag, {i} AS n");
+            push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, &returning);
+            push_event_if_inserted(&mut s, &n.event, now);
+        }
+        let mut tx = self.script_tx().await?;
+        let out = tx.run(s).await?;
+        let mut queued = vec![false; notices.len()];
+        for row in out.rows("mail") {
+            let i = usize::try_from(row.try_get::<i64, _>("n")?).unwrap_or(usize::MAX);
+            if let Some(q) = queued.get_mut(i) {
+                *q = true;
+            }
+        }
+        finish_write(tx, queued.contains(&true)).await?;
+        Ok(queued)
+    }
+
     /// As `write_tx`, for a write made of scripts run with `Tx::run`: the
     /// savepoint opens in the first script's round trip.
     async fn script_tx(&self) -> StoreResult<Tx<'_>> {
@@ -1542,30 +1568,16 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn queue_notices(&self, notices: &[Notice], now: Timestamp) -> StoreResult<Vec<bool>> {
-        if notices.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One script: each mail is inserted unless already queued (tagged
-        // with its place in the batch when it is), then its event, only if
-        // that insert wrote a row.
-        let mut s = Script::one_off();
-        for (i, n) in notices.iter().enumerate() {
-            let returning = format!("'mail' AS tag, {i} AS n");
-            push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, &returning);
-            push_event_if_inserted(&mut s, &n.event, now);
-        }
-        let mut tx = self.script_tx().await?;
-        let out = tx.run(s).await?;
-        let mut queued = vec![false; notices.len()];
-        for row in out.rows("mail") {
-            let i = usize::try_from(row.try_get::<i64, _>("n")?).unwrap_or(usize::MAX);
-            if let Some(q) = queued.get_mut(i) {
-                *q = true;
+    async fn queue_notices(&self, notices: &[Notice], now: Timestamp) -> Vec<StoreResult<bool>> {
+        match self.queue_batch(notices, now).await {
+            Ok(queued) => queued.into_iter().map(Ok).collect(),
+            // Whatever failed, it failed whole: one at a time, so a notice
+            // that cannot be written keeps none of the others back.
+            Err(e) => {
+                tracing::warn!(notices = notices.len(), error = %e, "a batch of notices failed; queuing them one at a time");
+                queue_each(self, notices, now).await
             }
         }
-        finish_write(tx, queued.contains(&true)).await?;
-        Ok(queued)
     }
 
     async fn claim_mail(

@@ -206,17 +206,17 @@ async fn a_batch_of_notices_queues_each_new_one_with_its_event_and_skips_those_a
         notice(MailKind::RenewalReminder, 30),
         notice(MailKind::RenewalReminder, 7),
     ];
-    assert_eq!(
-        store.queue_notices(&first, now).await.unwrap(),
-        [true, true]
-    );
+    let queued = |results: Vec<renewd::store::StoreResult<bool>>| -> Vec<bool> {
+        results.into_iter().map(|r| r.unwrap()).collect()
+    };
+    assert_eq!(queued(store.queue_notices(&first, now).await), [true, true]);
     let second = vec![
         notice(MailKind::RenewalReminder, 30),
         notice(MailKind::RenewalReminder, 1),
         notice(MailKind::RenewalReminder, 7),
     ];
     assert_eq!(
-        store.queue_notices(&second, now).await.unwrap(),
+        queued(store.queue_notices(&second, now).await),
         [false, true, false]
     );
 
