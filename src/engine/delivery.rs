@@ -11,9 +11,11 @@
 //! recorded in groups (every one accepted since the last write began), so
 //! such a crash resends the group being written, those accepted since, and
 //! those still at the relay. A store error stops a batch from sending more,
-//! but what was already accepted is still recorded first. A claim is sized so that a batch of
-//! slow sends still finishes inside its lease; otherwise another sender
-//! could claim the same rows and send them twice.
+//! but what was already accepted is still recorded first.
+//!
+//! A claim is sized so that a batch of slow sends still finishes inside its
+//! lease; otherwise another sender could claim the same rows and send them
+//! twice.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -51,19 +51,34 @@ struct State {
     /// writer's opening (or by the batch's COMMIT), which saves each write a
     /// round trip of its own.
     release_pending: Option<Savepoint>,
-    /// Numbers the writers' savepoints: each has a name of its own, so
-    /// undoing one whose opening never ran fails (and breaks the batch)
-    /// instead of undoing the writer before it.
-    writers: u64,
 }
 
-/// A writer's savepoint, by number.
+/// A writer's savepoint. A writer takes the name the savepoint still open
+/// (the last writer's, until its release) does not have, so undoing a
+/// writer whose opening never ran fails (and breaks the batch) instead of
+/// undoing the writer before it. Two names, not one per writer, keep the
+/// scripts' text (which starts with the opening) few enough to stay in the
+/// connection's statement cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Savepoint(u64);
+enum Savepoint {
+    A,
+    B,
+}
 
 impl Savepoint {
-    fn name(self) -> String {
-        format!("renewd_write_{}", self.0)
+    fn name(self) -> &'static str {
+        match self {
+            Savepoint::A => "renewd_write_a",
+            Savepoint::B => "renewd_write_b",
+        }
+    }
+
+    /// The name for the next writer, given the savepoint still open.
+    fn after(open: Option<Savepoint>) -> Savepoint {
+        match open {
+            Some(Savepoint::A) => Savepoint::B,
+            _ => Savepoint::A,
+        }
     }
 
     fn rollback_to(self) -> String {
@@ -121,7 +136,6 @@ impl GroupCommit {
             batch: None,
             dangling: None,
             release_pending: None,
-            writers: 0,
         }));
         let (flush, signals) = mpsc::unbounded_channel();
         tokio::spawn(flusher(state.clone(), signals));
@@ -160,11 +174,10 @@ impl GroupCommit {
                 done: watch::channel(None).0,
             });
         }
-        state.writers += 1;
-        let savepoint = Savepoint(state.writers);
         // The last writer's savepoint released into the batch, and this
         // writer's opened.
         let releases = state.release_pending.take();
+        let savepoint = Savepoint::after(releases);
         let opening = match releases {
             Some(last) => format!("RELEASE {}; SAVEPOINT {}", last.name(), savepoint.name()),
             None => format!("SAVEPOINT {}", savepoint.name()),
