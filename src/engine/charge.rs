@@ -81,18 +81,12 @@ impl Engine {
         let mut work = self.load(lease).await?;
         if let Some(open) = work.last_attempt.clone().filter(|a| a.status.is_open()) {
             let permit = permit(gate).await?;
-            let looked_up = match tokio::time::timeout(
-                self.config.gateway_timeout.unsigned_abs(),
-                self.gateway.lookup(&open.idempotency_key),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(GatewayError::Unknown(format!(
-                    "no answer to the lookup within gateway.timeout ({})",
-                    self.config.raw.gateway.timeout
-                ))),
-            };
+            let looked_up = self
+                .within_gateway_timeout(
+                    "no answer to the lookup",
+                    self.gateway.lookup(&open.idempotency_key),
+                )
+                .await;
             drop(permit);
             match looked_up {
                 Ok(Lookup::Charged(charge)) => {
@@ -219,18 +213,9 @@ impl Engine {
             subscription_id: work.subscription.id,
         };
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(
-            self.config.gateway_timeout.unsigned_abs(),
-            self.gateway.charge(&request),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(GatewayError::Unknown(format!(
-                "no answer within gateway.timeout ({})",
-                self.config.raw.gateway.timeout
-            ))),
-        };
+        let result = self
+            .within_gateway_timeout("no answer", self.gateway.charge(&request))
+            .await;
         drop(permit);
         tracing::debug!(
             subscription_id = work.subscription.id,
@@ -264,6 +249,22 @@ impl Engine {
 
     /// Whether a request sent for `attempt` can no longer be in flight, so
     /// that the gateway's "never saw this key" is final.
+    /// A gateway call cut off at `gateway.timeout`: past it, the outcome is
+    /// unknown (`what` says which call went unanswered).
+    async fn within_gateway_timeout<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, GatewayError>>,
+    ) -> Result<T, GatewayError> {
+        match tokio::time::timeout(self.config.gateway_timeout.unsigned_abs(), call).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::Unknown(format!(
+                "{what} within gateway.timeout ({})",
+                self.config.raw.gateway.timeout
+            ))),
+        }
+    }
+
     fn settled(&self, attempt: &Attempt, now: Timestamp) -> bool {
         attempt
             .created_at
