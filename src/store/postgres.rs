@@ -147,7 +147,14 @@ macro_rules! transaction {
                     break Ok(v);
                 }
                 Err(e) => {
-                    drop(txn);
+                    // Rolled back here and waited for, not merely dropped:
+                    // a dropped transaction only queues its ROLLBACK, which
+                    // is sent when the pool next drives the connection, and
+                    // until then its row locks stand, so a claim (`SKIP
+                    // LOCKED`) would pass over rows a refused write had read
+                    // `FOR UPDATE`. A failed rollback leaves a broken
+                    // connection, which the server rolls back when it drops it.
+                    let _ = txn.rollback().await;
                     if retry.again(&e).await {
                         continue;
                     }

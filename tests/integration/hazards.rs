@@ -466,3 +466,77 @@ async fn sent_mail_is_recorded_only_by_the_sender_still_holding_the_claim() {
     assert_eq!(sent_events(app.events_of(subs[0]).await), 1);
     assert_eq!(sent_events(app.events_of(subs[1]).await), 1);
 }
+
+/// A refused write must not leave its row locks behind. PostgreSQL keeps a
+/// transaction's locks until its ROLLBACK reaches the server; a transaction
+/// merely dropped by the client only queues that ROLLBACK, which is sent
+/// when its pooled connection is next driven. Meanwhile a claim (`FOR UPDATE
+/// SKIP LOCKED`) passes over the renewal and the sweep misses it. Here the
+/// runtime that owns the pool is not driven again after the refusal, so a
+/// ROLLBACK left to the pool would never be sent, and another connection
+/// finds the renewal still locked.
+#[test]
+fn a_refused_cancellation_leaves_no_renewal_locked() {
+    use renewd::engine::{CancelAt, EngineError};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (app, sub, req) = rt.block_on(async {
+        let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+        let sub = app.tokyo_subscription().await;
+        let mut app = app;
+        app.engine.gateway = Arc::new(LosesAnswers {
+            inner: app.sandbox.clone(),
+            remaining: AtomicU32::new(1),
+        });
+        app.set("2028-04-01T00:00:00Z");
+        assert_eq!(app.sweep().await.unknown, 1);
+        let req = app
+            .engine
+            .open_request(sub.id, "cancel", "leaving")
+            .await
+            .expect("request");
+        (app, sub, req)
+    });
+    let refused = rt.block_on(app.engine.resolve_request(req.id, CancelAt::Now));
+    assert!(
+        matches!(refused, Err(EngineError::Refused(ref m)) if m.contains("reconciled")),
+        "{refused:?}"
+    );
+    if let Some(db) = &app.pg {
+        let url = db.url.clone();
+        let locked = std::thread::spawn(move || {
+            let other = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            other.block_on(async {
+                use sqlx::{Connection, Executor};
+                let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+                conn.execute("SET lock_timeout = '2s'").await.expect("set");
+                let mut tx = conn.begin().await.expect("begin");
+                let r = sqlx::query(
+                    "SELECT id FROM renewals WHERE subscription_id = $1 \
+                     AND status = 'pending' FOR UPDATE NOWAIT",
+                )
+                .bind(sub.id)
+                .fetch_all(&mut *tx)
+                .await;
+                let _ = tx.rollback().await;
+                r.err().map(|e| e.to_string())
+            })
+        })
+        .join()
+        .expect("lock check");
+        assert_eq!(
+            locked, None,
+            "the refused cancellation still locks the renewal"
+        );
+    }
+    rt.block_on(async {
+        app.set("2028-04-01T00:01:00Z");
+        assert_eq!(app.sweep().await.renewed, 1, "the charge taken is recorded");
+        drop(app);
+    });
+}
