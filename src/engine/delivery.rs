@@ -8,10 +8,12 @@
 //! the transport accepted it, so a crash between the relay's acceptance and
 //! the write that records it sends it again on the next run, with the same
 //! `Message-ID` (the receiver can drop the copy). Accepted messages are
-//! recorded in groups (every one accepted since the last write began), so
-//! such a crash resends the group being written, those accepted since, and
-//! those still at the relay. A store error stops a batch from sending more,
-//! but what was already accepted is still recorded first.
+//! recorded in groups (a group is written once `RECORD_GROUP` messages are
+//! waiting, the oldest has waited `RECORD_WAIT` and no other such write is
+//! still going, or the batch's sends are over), so such a crash resends the
+//! group being written, those accepted since, and those still at the relay.
+//! A store error stops a batch from sending more, but what was already
+//! accepted is still recorded first.
 //!
 //! A claim is sized so that a batch of slow sends still finishes inside its
 //! lease; otherwise another sender could claim the same rows and send them
@@ -39,6 +41,15 @@ pub struct DeliveryStats {
 }
 
 const MAIL_BATCH: u32 = 100;
+/// Accepted messages recorded in one write. Each write is a commit that
+/// waits for the disk; writing as soon as anything was accepted made about
+/// one commit per six messages, most of the commits of a simulated year
+/// (renewd bench, "time travel").
+const RECORD_GROUP: usize = 32;
+/// How long an accepted message waits for its group to fill before it is
+/// recorded anyway (once the write before it is done), so that slow sends
+/// (SMTP) are still recorded soon.
+const RECORD_WAIT: Duration = Duration::from_millis(100);
 /// Messages the file transport writes at once.
 const FILE_CONCURRENCY: usize = 8;
 
@@ -65,10 +76,9 @@ impl Engine {
     /// Sends a claimed batch, `concurrency` messages at a time. A failure is
     /// recorded on its own. Messages the transport accepted are recorded
     /// together while the sends go on: each write takes every message
-    /// accepted since the last one (one write per message made each wait for
-    /// its own commit: renewd bench, "time travel"). The writes, the sends
-    /// and the failures are polled together, since a write waits for the
-    /// store's writer, which another of them may hold.
+    /// accepted since the last one, once a group is due (see `RECORD_GROUP`).
+    /// The writes, the sends and the failures are polled together, since a
+    /// write waits for the store's writer, which another of them may hold.
     async fn deliver_batch(
         &self,
         batch: Vec<Mail>,
@@ -93,12 +103,18 @@ impl Engine {
             .buffer_unordered(concurrency);
         let mut sending = true;
         let mut accepted: Vec<Mail> = Vec::new();
+        // When the oldest message in `accepted` must be recorded by.
+        let mut record_by = None;
         let mut recording = None;
         let mut failing = FuturesUnordered::new();
         let mut error = None;
         loop {
-            if recording.is_none() && !accepted.is_empty() {
+            let due = !sending
+                || accepted.len() >= RECORD_GROUP
+                || record_by.is_some_and(|at| tokio::time::Instant::now() >= at);
+            if recording.is_none() && !accepted.is_empty() && due {
                 let mails = std::mem::take(&mut accepted);
+                record_by = None;
                 recording = Some(Box::pin(self.record_sent(mails, token, now)));
             }
             if !sending && recording.is_none() && failing.is_empty() {
@@ -108,7 +124,10 @@ impl Engine {
                 // Failure records wait their turn like sends did: no more
                 // than `concurrency` at once.
                 next = sends.next(), if sending && failing.len() < concurrency => match next {
-                    Some((m, Some(Ok(())))) => accepted.push(m),
+                    Some((m, Some(Ok(())))) => {
+                        record_by.get_or_insert_with(|| tokio::time::Instant::now() + RECORD_WAIT);
+                        accepted.push(m);
+                    }
                     Some((m, Some(Err(e)))) => failing.push(async move {
                         self.record_failure(&m, token, e, now).await
                     }),
@@ -124,6 +143,13 @@ impl Engine {
                         error.get_or_insert(e);
                     }
                 },
+                // The oldest accepted message has waited long enough.
+                () = async {
+                    match record_by {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if recording.is_none() && record_by.is_some() => {}
                 sent = async {
                     match recording.as_mut() {
                         Some(r) => r.await,

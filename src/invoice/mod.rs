@@ -263,13 +263,21 @@ pub fn write_documents(dir: &Path, inv: &Invoice) -> Result<(), DocumentError> {
 /// Writes rendered documents under `dir`, one writer at a time in this
 /// process: writers creating files in the same directory at once spent
 /// their time spinning on the directory's lock in the kernel (renewd bench).
+/// The directory is made when first found missing, not before every
+/// document (each `mkdir` takes the state directory's lock as well).
 fn keep(dir: &Path, number: &str, html: &str, pdf: &[u8]) -> Result<(), DocumentError> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    std::fs::create_dir_all(dir).map_err(|e| DocumentError::Io(dir.to_path_buf(), e))?;
-    write_atomically(&document_path(dir, number, "html"), html.as_bytes())?;
+    let html_path = document_path(dir, number, "html");
+    match write_atomically(&html_path, html.as_bytes()) {
+        Err(DocumentError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| DocumentError::Io(dir.to_path_buf(), e))?;
+            write_atomically(&html_path, html.as_bytes())?;
+        }
+        written => written?,
+    }
     write_atomically(&document_path(dir, number, "pdf"), pdf)
 }
 

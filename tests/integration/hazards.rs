@@ -540,3 +540,76 @@ fn a_refused_cancellation_leaves_no_renewal_locked() {
         drop(app);
     });
 }
+
+/// A relay that accepts the first message at once and holds every later one
+/// until `release` is notified.
+struct HoldsAfterFirst {
+    inner: renewd::mail::file::FileTransport,
+    sent: AtomicU32,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl renewd::mail::MailTransport for HoldsAfterFirst {
+    async fn send(&self, mail: &renewd::mail::OutgoingMail) -> Result<(), renewd::mail::MailError> {
+        if self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.release.notified().await;
+        }
+        self.inner.send(mail).await
+    }
+}
+
+/// Accepted mail is recorded in groups, but a message the relay accepted
+/// is not held back behind a send that hangs: without the wait bound, it
+/// would stay unrecorded (and be sent again after a crash) for as long as
+/// the slowest message of its batch took.
+#[tokio::test]
+async fn accepted_mail_is_recorded_while_another_send_still_hangs() {
+    let mut app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let subs = [
+        app.purchase(c, "pm_card_visa").await.id,
+        app.purchase(c, "pm_card_visa").await.id,
+    ];
+    let relay = Arc::new(HoldsAfterFirst {
+        inner: renewd::mail::file::FileTransport::new(app.engine.config.mail_dir()),
+        sent: AtomicU32::new(0),
+        release: tokio::sync::Notify::new(),
+    });
+    app.engine.transport = relay.clone();
+    let sent_count = || async {
+        let mut n = 0;
+        for sub in subs {
+            n += app
+                .mails(sub)
+                .await
+                .iter()
+                .filter(|m| m.status == "sent")
+                .count();
+        }
+        n
+    };
+    let watch = async {
+        // Polls the store (no fixed sleep): the first message must be
+        // recorded while the second is still held at the relay, within a
+        // few times RECORD_WAIT (100 ms), not only when the batch ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut recorded_while_held = false;
+        while std::time::Instant::now() < deadline {
+            if sent_count().await == 1 {
+                recorded_while_held = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        relay.release.notify_one();
+        recorded_while_held
+    };
+    let (delivered, recorded_while_held) = tokio::join!(app.engine.deliver_mail(), watch);
+    assert!(
+        recorded_while_held,
+        "the accepted message waited for the held one"
+    );
+    assert_eq!(delivered.expect("delivery").sent, 2);
+    assert_eq!(sent_count().await, 2);
+}

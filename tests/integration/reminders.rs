@@ -240,3 +240,28 @@ async fn a_batch_of_notices_queues_each_new_one_with_its_event_and_skips_those_a
         "one event per queued mail, none for a skipped one"
     );
 }
+
+/// The reminder and expiry scans read subscriptions a page at a time (500),
+/// and stop at the first page that comes back short. A page boundary
+/// mishandled would leave the subscriptions past it without their reminder
+/// or their expiry, silently.
+#[tokio::test]
+async fn reminders_and_expiry_reach_every_subscription_when_there_are_more_than_a_scan_page_holds()
+{
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let mut subs = Vec::new();
+    for _ in 0..501 {
+        let sub = app.purchase(c, "pm_card_visa").await;
+        app.engine.set_auto_renew(sub.id, false).await.unwrap();
+        subs.push(sub.id);
+    }
+    app.set("2028-03-02T00:00:00Z");
+    assert_eq!(app.sweep().await.reminders, 501, "the 30-day reminder");
+    app.set("2028-04-01T00:00:00Z");
+    assert_eq!(app.sweep().await.expired, 501);
+    for id in [subs[0], subs[499], subs[500]] {
+        assert_eq!(app.mails_of(id, MailKind::RenewalReminder).await.len(), 1);
+        assert_eq!(app.sub(id).await.status.as_str(), "expired");
+    }
+}
