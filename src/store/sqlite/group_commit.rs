@@ -47,6 +47,10 @@ struct State {
     /// without commit or rollback (an early `?` return, or a cancelled
     /// task). The next holder of the mutex rolls it back first.
     dangling: Option<Savepoint>,
+    /// A writer that was opening the batch went away while its opening
+    /// was on its way (a cancelled task): BEGIN may have run with nobody
+    /// to end it. The next holder of the mutex rolls back first.
+    unopened: bool,
     /// The last writer committed: its savepoint is released by the next
     /// writer's opening (or by the batch's COMMIT), which saves each write a
     /// round trip of its own.
@@ -107,6 +111,9 @@ pub(crate) struct WriteTx<'a> {
     /// The opening (savepoint) not yet sent: it goes in front of the first
     /// script this writer runs ([`WriteTx::run`]), in the same round trip.
     pending: Option<String>,
+    /// This writer opens the batch: its opening starts with BEGIN
+    /// IMMEDIATE, and the batch exists once that has run.
+    opens_batch: bool,
 }
 
 /// Runs fixed SQL (one or more statements) on the write connection in one
@@ -135,6 +142,7 @@ impl GroupCommit {
             conn,
             batch: None,
             dangling: None,
+            unopened: false,
             release_pending: None,
         }));
         let (flush, signals) = mpsc::unbounded_channel();
@@ -143,42 +151,46 @@ impl GroupCommit {
     }
 
     /// Waits for this writer's turn and opens its savepoint in the batch
-    /// (opening a batch with BEGIN IMMEDIATE if none is open).
+    /// (opening a batch with BEGIN IMMEDIATE if none is open), in one round
+    /// trip.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx<'_>> {
         let mut tx = self.begin_deferred().await?;
         if let Some(opening) = tx.pending.take() {
-            if let Err(e) = exec(&mut tx.state.conn, opening).await {
-                tx.open = false;
-                tx.state.mark_broken(&e);
-                let _ = self.flush.send(());
-                return Err(e.into());
+            match exec(&mut tx.state.conn, opening).await {
+                Ok(()) => tx.opened(),
+                Err(e) => {
+                    tx.open = false;
+                    if tx.opens_batch {
+                        tx.state.abort_opening().await;
+                    } else {
+                        tx.state.mark_broken(&e);
+                        let _ = self.flush.send(());
+                    }
+                    return Err(e.into());
+                }
             }
         }
         Ok(tx)
     }
 
-    /// As [`GroupCommit::begin`], but the savepoint is opened by the first
-    /// script the writer runs, in the same round trip (one fewer per write).
-    /// Such a writer must write through [`WriteTx::run`] only.
+    /// As [`GroupCommit::begin`], but the savepoint (and the batch's BEGIN
+    /// IMMEDIATE, when this writer opens the batch) is opened by the first
+    /// script the writer runs, in the same round trip: one or two fewer
+    /// per write. Such a writer must write through [`WriteTx::run`] only.
     pub(super) async fn begin_deferred(&self) -> StoreResult<WriteTx<'_>> {
         let mut state = self.state.lock().await;
         state.repair().await;
         if state.batch.as_ref().is_some_and(|b| b.broken.is_some()) {
             state.finish().await;
         }
-        if state.batch.is_none() {
-            exec(&mut state.conn, "BEGIN IMMEDIATE".into()).await?;
-            state.batch = Some(Batch {
-                members: 0,
-                broken: None,
-                done: watch::channel(None).0,
-            });
-        }
         // The last writer's savepoint released into the batch, and this
-        // writer's opened.
+        // writer's opened; with no batch open, the batch is begun first.
+        let opens_batch = state.batch.is_none();
+        debug_assert!(!opens_batch || state.release_pending.is_none());
         let releases = state.release_pending.take();
         let savepoint = Savepoint::after(releases);
         let opening = match releases {
+            _ if opens_batch => format!("BEGIN IMMEDIATE; SAVEPOINT {}", savepoint.name()),
             Some(last) => format!("RELEASE {}; SAVEPOINT {}", last.name(), savepoint.name()),
             None => format!("SAVEPOINT {}", savepoint.name()),
         };
@@ -189,11 +201,22 @@ impl GroupCommit {
             savepoint,
             releases,
             pending: Some(opening),
+            opens_batch,
         })
     }
 }
 
 impl State {
+    /// The opening of a batch failed, perhaps part-way (BEGIN ran, a later
+    /// statement of the same round trip did not): no transaction is left
+    /// open. Nobody else has joined a batch that was never opened, so
+    /// rolling it back undoes only the writer that opened it.
+    async fn abort_opening(&mut self) {
+        debug_assert!(self.batch.is_none());
+        // Fails ("no transaction is active") when BEGIN itself failed.
+        let _ = exec(&mut self.conn, "ROLLBACK".into()).await;
+    }
+
     fn mark_broken(&mut self, e: &sqlx::Error) {
         if let Some(b) = self.batch.as_mut() {
             b.broken.get_or_insert_with(|| e.to_string());
@@ -202,6 +225,9 @@ impl State {
 
     /// Rolls back the savepoint of a writer that went away mid-way.
     async fn repair(&mut self) {
+        if std::mem::take(&mut self.unopened) {
+            self.abort_opening().await;
+        }
         if let Some(savepoint) = self.dangling.take() {
             if let Err(e) = exec(&mut self.conn, savepoint.rollback_to()).await {
                 self.mark_broken(&e);
@@ -253,12 +279,38 @@ impl WriteTx<'_> {
     /// Runs a script, the savepoint's opening first if it is still pending.
     /// If the script fails, the opening may or may not have run: undoing
     /// (ROLLBACK TO this writer's own savepoint) then fails if it did not,
-    /// and that breaks the batch.
+    /// and that breaks the batch. A writer that was opening the batch is
+    /// rolled back whole instead and starts again: its next script opens
+    /// the batch anew.
     pub(crate) async fn run(&mut self, mut script: Script) -> StoreResult<Tagged> {
-        if let Some(opening) = self.pending.take() {
-            script.prepend(&opening);
+        let Some(opening) = self.pending.take() else {
+            return script.run(&mut self.state.conn).await;
+        };
+        script.prepend(&opening);
+        match script.run(&mut self.state.conn).await {
+            Ok(out) => {
+                self.opened();
+                Ok(out)
+            }
+            Err(e) if self.opens_batch => {
+                self.state.abort_opening().await;
+                self.pending = Some(opening);
+                Err(e)
+            }
+            Err(e) => Err(e),
         }
-        script.run(&mut self.state.conn).await
+    }
+
+    /// This writer's opening has run: if it began the batch, the batch is
+    /// open now.
+    fn opened(&mut self) {
+        if std::mem::take(&mut self.opens_batch) {
+            self.state.batch = Some(Batch {
+                members: 0,
+                broken: None,
+                done: watch::channel(None).0,
+            });
+        }
     }
 
     /// Nothing was sent for this writer: its turn ends with nothing to undo,
@@ -338,7 +390,11 @@ impl WriteTx<'_> {
 impl Drop for WriteTx<'_> {
     fn drop(&mut self) {
         if !self.never_opened() && self.open {
-            self.state.dangling = Some(self.savepoint);
+            if self.opens_batch {
+                self.state.unopened = true;
+            } else {
+                self.state.dangling = Some(self.savepoint);
+            }
             let _ = self.flush.send(());
         }
     }
@@ -367,6 +423,7 @@ mod tests {
     use super::*;
     use sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
     use sqlx::Connection;
+    use std::time::Duration;
 
     async fn setup(dir: &tempfile::TempDir) -> (Arc<GroupCommit>, SqliteConnectOptions) {
         let options = SqliteConnectOptions::new()
@@ -531,6 +588,85 @@ mod tests {
         assert_eq!(committed(&options).await, Vec::<i64>::new());
         insert(&g, 3).await.commit().await.unwrap();
         assert_eq!(committed(&options).await, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_script_opens_the_batch_and_fails_leaves_nothing_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // No batch is open: the writer's BEGIN IMMEDIATE travels with its
+        // script, whose second statement fails after the first has written.
+        let mut tx = g.begin_deferred().await.unwrap();
+        let failed = tx
+            .run(script(
+                "INSERT INTO t (id) VALUES (1); INSERT INTO t (id) VALUES (1)",
+            ))
+            .await;
+        assert!(failed.is_err(), "the second insert is a duplicate");
+        // The writer can go on: its next script opens the batch anew.
+        tx.run(script("INSERT INTO t (id) VALUES (2)"))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        // A writer that fails and goes away leaves no transaction behind.
+        let mut tx = g.begin_deferred().await.unwrap();
+        assert!(tx
+            .run(script("INSERT INTO t (id) VALUES (2)"))
+            .await
+            .is_err());
+        drop(tx);
+        insert(&g, 3).await.commit().await.unwrap();
+        assert_eq!(committed(&options).await, vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_goes_away_while_its_script_opens_the_batch_leaves_nothing_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // The opening (BEGIN IMMEDIATE, the savepoint) and a row reach
+        // SQLite, but the writer's task is cancelled before it hears back.
+        let mut tx = g.begin_deferred().await.unwrap();
+        let opening = tx.pending.take().unwrap();
+        exec(
+            &mut tx.state.conn,
+            format!("{opening}; INSERT INTO t (id) VALUES (1)"),
+        )
+        .await
+        .unwrap();
+        drop(tx);
+        insert(&g, 2).await.commit().await.unwrap();
+        assert_eq!(committed(&options).await, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_begin_waits_out_the_busy_timeout_fails_and_can_try_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, options) = setup(&dir).await;
+        let g = GroupCommit::open(&options.clone().busy_timeout(Duration::from_millis(50)))
+            .await
+            .unwrap();
+        // Another process (a CLI command, say) holds the write lock.
+        let mut other = options.connect().await.unwrap();
+        let mut held = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO t (id) VALUES (9)")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let mut tx = g.begin_deferred().await.unwrap();
+        assert!(tx
+            .run(script("INSERT INTO t (id) VALUES (1)"))
+            .await
+            .is_err());
+        held.commit().await.unwrap();
+        // Not run outside a transaction: the retry opens the batch, and the
+        // commit is the batch's.
+        tx.run(script("INSERT INTO t (id) VALUES (1)"))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(g.begin().await.unwrap().rollback().await.is_ok());
+        other.close().await.unwrap();
+        assert_eq!(committed(&options).await, vec![1, 9]);
     }
 
     #[tokio::test]
