@@ -207,54 +207,22 @@ impl SandboxGateway {
             .collect()
     }
 
-    async fn delay(&self) {
+    /// Answers `latency` after the request arrived, as a processor does:
+    /// the sandbox's own work (its ledger write) is part of that time, not
+    /// added to it, so a gateway-bound sweep is measured against the latency
+    /// it was given (`renewd bench`, "gateway-bound"). A caller that gives up
+    /// sooner has still been charged, as with a real processor; the
+    /// idempotency key and the lookup are how renewd finds out.
+    async fn answer_after_latency<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let answer_at = tokio::time::Instant::now() + self.latency;
+        let answer = work.await;
         if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
+            tokio::time::sleep_until(answer_at).await;
         }
+        answer
     }
 
-    fn stored_result(
-        row: &sqlx::sqlite::SqliteRow,
-    ) -> Result<Result<Charge, GatewayError>, sqlx::Error> {
-        let outcome: String = row.try_get("outcome")?;
-        let code: Option<String> = row.try_get("decline_code")?;
-        let kind: Option<String> = row.try_get("decline_kind")?;
-        let code = code.unwrap_or_default();
-        Ok(match (outcome.as_str(), kind.as_deref()) {
-            ("succeeded", _) => Ok(Charge {
-                reference: row.try_get("id")?,
-            }),
-            (_, Some("soft")) => Err(GatewayError::SoftDecline {
-                message: decline_message(&code).into(),
-                code,
-            }),
-            _ => Err(GatewayError::HardDecline {
-                message: decline_message(&code).into(),
-                code,
-            }),
-        })
-    }
-}
-
-fn decline_message(code: &str) -> &'static str {
-    match code {
-        "insufficient_funds" => "The card has insufficient funds.",
-        "expired_card" => "The card has expired.",
-        "processing_error" => "An error occurred while processing the card.",
-        "fraudulent" => "The card was declined.",
-        "resource_missing" => "No such payment method.",
-        _ => "The card was declined.",
-    }
-}
-
-fn infra(e: sqlx::Error) -> GatewayError {
-    GatewayError::Unknown(format!("sandbox ledger: {e}"))
-}
-
-#[async_trait]
-impl PaymentGateway for SandboxGateway {
-    async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
-        self.delay().await;
+    async fn take_charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
         let n = self
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
@@ -334,8 +302,7 @@ impl PaymentGateway for SandboxGateway {
         Self::stored_result(&row).map_err(infra)?
     }
 
-    async fn lookup(&self, idempotency_key: &str) -> Result<Lookup, GatewayError> {
-        self.delay().await;
+    async fn find_charge(&self, idempotency_key: &str) -> Result<Lookup, GatewayError> {
         let row = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
             .bind(idempotency_key)
             .fetch_all(&self.pool)
@@ -350,6 +317,55 @@ impl PaymentGateway for SandboxGateway {
                 Err(decline) => Lookup::Declined(decline),
             },
         })
+    }
+
+    fn stored_result(
+        row: &sqlx::sqlite::SqliteRow,
+    ) -> Result<Result<Charge, GatewayError>, sqlx::Error> {
+        let outcome: String = row.try_get("outcome")?;
+        let code: Option<String> = row.try_get("decline_code")?;
+        let kind: Option<String> = row.try_get("decline_kind")?;
+        let code = code.unwrap_or_default();
+        Ok(match (outcome.as_str(), kind.as_deref()) {
+            ("succeeded", _) => Ok(Charge {
+                reference: row.try_get("id")?,
+            }),
+            (_, Some("soft")) => Err(GatewayError::SoftDecline {
+                message: decline_message(&code).into(),
+                code,
+            }),
+            _ => Err(GatewayError::HardDecline {
+                message: decline_message(&code).into(),
+                code,
+            }),
+        })
+    }
+}
+
+fn decline_message(code: &str) -> &'static str {
+    match code {
+        "insufficient_funds" => "The card has insufficient funds.",
+        "expired_card" => "The card has expired.",
+        "processing_error" => "An error occurred while processing the card.",
+        "fraudulent" => "The card was declined.",
+        "resource_missing" => "No such payment method.",
+        _ => "The card was declined.",
+    }
+}
+
+fn infra(e: sqlx::Error) -> GatewayError {
+    GatewayError::Unknown(format!("sandbox ledger: {e}"))
+}
+
+#[async_trait]
+impl PaymentGateway for SandboxGateway {
+    async fn charge(&self, req: &ChargeRequest) -> Result<Charge, GatewayError> {
+        self.answer_after_latency(self.take_charge(req)).await
+    }
+
+    async fn lookup(&self, idempotency_key: &str) -> Result<Lookup, GatewayError> {
+        self.answer_after_latency(self.find_charge(idempotency_key))
+            .await
     }
 
     async fn card_details(&self, payment_method: &str) -> Result<CardDetails, GatewayError> {
@@ -465,5 +481,41 @@ mod tests {
         assert_eq!(expired.code(), "expired_card");
         assert_eq!(gw.lookup("b").await.unwrap(), Lookup::Declined(soft));
         assert_eq!(gw.lookup("never-sent").await.unwrap(), Lookup::NotFound);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_answer_comes_latency_after_the_request_with_the_ledger_write_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(MockClock::new("2027-01-01T00:00:00Z".parse().unwrap()));
+        let latency = Duration::from_secs(3);
+        let gw = Arc::new(
+            SandboxGateway::open(&dir.path().join("ledger.db"), clock, latency)
+                .await
+                .unwrap(),
+        );
+        let asked = std::time::Instant::now();
+        let call = tokio::spawn({
+            let gw = gw.clone();
+            async move { gw.charge(&req("k1", "pm_card_visa", 100)).await }
+        });
+        // The charge reaches the ledger long before the answer: were the
+        // ledger write made after the latency, nothing would be there for 3 s.
+        let mut ledger = Vec::new();
+        for _ in 0..100 {
+            ledger = gw.charges().await.unwrap();
+            if !ledger.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ledger.len(), 1, "charged within 2 s of the request");
+        assert!(!call.is_finished(), "answered before the latency was up");
+        let charge = call.await.unwrap().unwrap();
+        assert!(
+            asked.elapsed() >= latency,
+            "answered {:?} after the request",
+            asked.elapsed()
+        );
+        assert_eq!(charge.reference, ledger[0].id);
     }
 }
