@@ -16,9 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jiff::civil::Date;
 use jiff::Timestamp;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::*;
@@ -33,6 +31,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 
 mod group_commit;
 use group_commit::{GroupCommit, WriteTx};
+mod raw;
+use raw::Cols;
 mod script;
 use script::{Arg, Script, Tagged};
 
@@ -126,7 +126,7 @@ impl SqliteStore {
         let out = tx.run(s).await?;
         let mut queued = vec![false; notices.len()];
         for row in out.rows("mail") {
-            let i = usize::try_from(row.try_get::<i64, _>("n")?).unwrap_or(usize::MAX);
+            let i = usize::try_from(row.col::<i64>("n")?).unwrap_or(usize::MAX);
             if let Some(q) = queued.get_mut(i) {
                 *q = true;
             }
@@ -163,47 +163,39 @@ const MAIL_COLUMNS: &str =
     "id, subscription_id, customer_id, kind, period_key, offset_key, recipient, locale, \
      invoice_number, context, status, attempts, last_error, created_at, sent_at";
 
-fn subscription_from(r: &SqliteRow) -> StoreResult<Subscription> {
-    let status: String = r.try_get("status")?;
-    let payment_kind: String = r.try_get("payment_kind")?;
+fn subscription_from(r: &impl Cols) -> StoreResult<Subscription> {
+    let status: String = r.col("status")?;
+    let payment_kind: String = r.col("payment_kind")?;
     let payment = match payment_kind.as_str() {
         "card" => PaymentMethod::Card {
-            token: r
-                .try_get::<Option<String>, _>("card_token")?
-                .unwrap_or_default(),
-            brand: r
-                .try_get::<Option<String>, _>("card_brand")?
-                .unwrap_or_default(),
-            last4: r
-                .try_get::<Option<String>, _>("card_last4")?
-                .unwrap_or_default(),
-            expiry: r.try_get("card_expiry")?,
+            token: r.col::<Option<String>>("card_token")?.unwrap_or_default(),
+            brand: r.col::<Option<String>>("card_brand")?.unwrap_or_default(),
+            last4: r.col::<Option<String>>("card_last4")?.unwrap_or_default(),
+            expiry: r.col("card_expiry")?,
         },
         _ => PaymentMethod::BankTransfer {
-            contact_name: r
-                .try_get::<Option<String>, _>("contact_name")?
-                .unwrap_or_default(),
+            contact_name: r.col::<Option<String>>("contact_name")?.unwrap_or_default(),
             contact_phone: r
-                .try_get::<Option<String>, _>("contact_phone")?
+                .col::<Option<String>>("contact_phone")?
                 .unwrap_or_default(),
             contact_email: r
-                .try_get::<Option<String>, _>("contact_email")?
+                .col::<Option<String>>("contact_email")?
                 .unwrap_or_default(),
         },
     };
-    let anchor: Option<String> = r.try_get("anchor_date")?;
+    let anchor: Option<String> = r.col("anchor_date")?;
     Ok(Subscription {
-        id: r.try_get("id")?,
-        customer_id: r.try_get("customer_id")?,
-        plan: r.try_get("plan")?,
+        id: r.col("id")?,
+        customer_id: r.col("customer_id")?,
+        plan: r.col("plan")?,
         status: status
             .parse()
             .map_err(|e: crate::domain::subscription::UnknownStatus| {
                 StoreError::Corrupt(e.to_string())
             })?,
         auto_renew: AutoRenew {
-            on: r.try_get("auto_renew")?,
-            can_enable: r.try_get("auto_renew_can_enable")?,
+            on: r.col("auto_renew")?,
+            can_enable: r.col("auto_renew_can_enable")?,
         },
         anchor_date: anchor
             .map(|a| {
@@ -211,133 +203,133 @@ fn subscription_from(r: &SqliteRow) -> StoreResult<Subscription> {
                     .map_err(|e| StoreError::Corrupt(format!("anchor {a}: {e}")))
             })
             .transpose()?,
-        term: r.try_get("term")?,
-        current_period_start: opt_ts(r.try_get("current_period_start")?)?,
-        current_period_end: opt_ts(r.try_get("current_period_end")?)?,
+        term: r.col("term")?,
+        current_period_start: opt_ts(r.col("current_period_start")?)?,
+        current_period_end: opt_ts(r.col("current_period_end")?)?,
         payment,
-        terms_acceptance_id: r.try_get("terms_acceptance_id")?,
-        cancel_at_period_end: r.try_get("cancel_at_period_end")?,
-        cancelled_at: opt_ts(r.try_get("cancelled_at")?)?,
-        created_at: ts(r.try_get("created_at")?)?,
-        updated_at: ts(r.try_get("updated_at")?)?,
+        terms_acceptance_id: r.col("terms_acceptance_id")?,
+        cancel_at_period_end: r.col("cancel_at_period_end")?,
+        cancelled_at: opt_ts(r.col("cancelled_at")?)?,
+        created_at: ts(r.col("created_at")?)?,
+        updated_at: ts(r.col("updated_at")?)?,
     })
 }
 
-fn customer_from(r: &SqliteRow, prefix: &str) -> StoreResult<Customer> {
+fn customer_from(r: &impl Cols, prefix: &str) -> StoreResult<Customer> {
     let col = |c: &str| format!("{prefix}{c}");
     Ok(Customer {
-        id: r.try_get(col("id").as_str())?,
-        name: r.try_get(col("name").as_str())?,
-        email: r.try_get(col("email").as_str())?,
-        timezone: r.try_get(col("timezone").as_str())?,
-        locale: r.try_get(col("locale").as_str())?,
-        country: r.try_get(col("country").as_str())?,
-        currency: r.try_get(col("currency").as_str())?,
-        created_at: ts(r.try_get(col("created_at").as_str())?)?,
+        id: r.col(col("id").as_str())?,
+        name: r.col(col("name").as_str())?,
+        email: r.col(col("email").as_str())?,
+        timezone: r.col(col("timezone").as_str())?,
+        locale: r.col(col("locale").as_str())?,
+        country: r.col(col("country").as_str())?,
+        currency: r.col(col("currency").as_str())?,
+        created_at: ts(r.col(col("created_at").as_str())?)?,
     })
 }
 
-fn renewal_from(r: &SqliteRow) -> StoreResult<Renewal> {
-    let kind: String = r.try_get("r_kind")?;
-    let status: String = r.try_get("r_status")?;
+fn renewal_from(r: &impl Cols) -> StoreResult<Renewal> {
+    let kind: String = r.col("r_kind")?;
+    let status: String = r.col("r_status")?;
     Ok(Renewal {
-        id: r.try_get("r_id")?,
-        subscription_id: r.try_get("r_subscription_id")?,
+        id: r.col("r_id")?,
+        subscription_id: r.col("r_subscription_id")?,
         kind: match kind.as_str() {
             "purchase" => RenewalKind::Purchase,
             "manual" => RenewalKind::Manual,
             _ => RenewalKind::Auto,
         },
-        period_start: ts(r.try_get("r_period_start")?)?,
-        term: r.try_get("r_term")?,
+        period_start: ts(r.col("r_period_start")?)?,
+        term: r.col("r_term")?,
         status: RenewalStatus::parse(&status)?,
-        attempt_count: r.try_get("r_attempt_count")?,
-        first_attempt_at: opt_ts(r.try_get("r_first_attempt_at")?)?,
-        next_attempt_at: opt_ts(r.try_get("r_next_attempt_at")?)?,
-        terms_acceptance_id: r.try_get("r_terms_acceptance_id")?,
-        auto_renew_after: r.try_get("r_auto_renew_after")?,
+        attempt_count: r.col("r_attempt_count")?,
+        first_attempt_at: opt_ts(r.col("r_first_attempt_at")?)?,
+        next_attempt_at: opt_ts(r.col("r_next_attempt_at")?)?,
+        terms_acceptance_id: r.col("r_terms_acceptance_id")?,
+        auto_renew_after: r.col("r_auto_renew_after")?,
     })
 }
 
-fn attempt_from(r: &SqliteRow) -> StoreResult<Attempt> {
-    let status: String = r.try_get("status")?;
-    let draft: String = r.try_get("invoice_draft")?;
+fn attempt_from(r: &impl Cols) -> StoreResult<Attempt> {
+    let status: String = r.col("status")?;
+    let draft: String = r.col("invoice_draft")?;
     Ok(Attempt {
-        id: r.try_get("id")?,
-        renewal_id: r.try_get("renewal_id")?,
-        attempt_no: r.try_get("attempt_no")?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        payment_method: r.try_get("payment_method")?,
-        amount_minor: r.try_get("amount_minor")?,
-        currency: r.try_get("currency")?,
+        id: r.col("id")?,
+        renewal_id: r.col("renewal_id")?,
+        attempt_no: r.col("attempt_no")?,
+        idempotency_key: r.col("idempotency_key")?,
+        payment_method: r.col("payment_method")?,
+        amount_minor: r.col("amount_minor")?,
+        currency: r.col("currency")?,
         invoice_draft: serde_json::from_str(&draft)
             .map_err(|e| StoreError::Corrupt(format!("invoice draft: {e}")))?,
         status: AttemptStatus::parse(&status)?,
-        reconcile_count: r.try_get("reconcile_count")?,
-        created_at: ts(r.try_get("created_at")?)?,
+        reconcile_count: r.col("reconcile_count")?,
+        created_at: ts(r.col("created_at")?)?,
     })
 }
 
-fn invoice_from(r: &SqliteRow) -> StoreResult<Invoice> {
-    let doc: String = r.try_get("document")?;
+fn invoice_from(r: &impl Cols) -> StoreResult<Invoice> {
+    let doc: String = r.col("document")?;
     Ok(Invoice {
-        number: r.try_get("number")?,
-        renewal_id: r.try_get("renewal_id")?,
-        subscription_id: r.try_get("subscription_id")?,
-        customer_id: r.try_get("customer_id")?,
-        status: r.try_get("status")?,
-        currency: r.try_get("currency")?,
-        subtotal_minor: r.try_get("subtotal_minor")?,
-        tax_minor: r.try_get("tax_minor")?,
-        total_minor: r.try_get("total_minor")?,
-        issued_at: ts(r.try_get("issued_at")?)?,
-        due_at: opt_ts(r.try_get("due_at")?)?,
-        paid_at: opt_ts(r.try_get("paid_at")?)?,
-        period_start: ts(r.try_get("period_start")?)?,
-        period_end: ts(r.try_get("period_end")?)?,
-        payment_kind: r.try_get("payment_kind")?,
-        payment_reference: r.try_get("payment_reference")?,
+        number: r.col("number")?,
+        renewal_id: r.col("renewal_id")?,
+        subscription_id: r.col("subscription_id")?,
+        customer_id: r.col("customer_id")?,
+        status: r.col("status")?,
+        currency: r.col("currency")?,
+        subtotal_minor: r.col("subtotal_minor")?,
+        tax_minor: r.col("tax_minor")?,
+        total_minor: r.col("total_minor")?,
+        issued_at: ts(r.col("issued_at")?)?,
+        due_at: opt_ts(r.col("due_at")?)?,
+        paid_at: opt_ts(r.col("paid_at")?)?,
+        period_start: ts(r.col("period_start")?)?,
+        period_end: ts(r.col("period_end")?)?,
+        payment_kind: r.col("payment_kind")?,
+        payment_reference: r.col("payment_reference")?,
         document: serde_json::from_str(&doc)
             .map_err(|e| StoreError::Corrupt(format!("invoice document: {e}")))?,
     })
 }
 
-fn mail_from(r: &SqliteRow) -> StoreResult<Mail> {
-    let kind: String = r.try_get("kind")?;
-    let context: String = r.try_get("context")?;
+fn mail_from(r: &impl Cols) -> StoreResult<Mail> {
+    let kind: String = r.col("kind")?;
+    let context: String = r.col("context")?;
     Ok(Mail {
-        id: r.try_get("id")?,
-        subscription_id: r.try_get("subscription_id")?,
-        customer_id: r.try_get("customer_id")?,
+        id: r.col("id")?,
+        subscription_id: r.col("subscription_id")?,
+        customer_id: r.col("customer_id")?,
         kind: kind
             .parse()
             .map_err(|_| StoreError::Corrupt(format!("mail kind {kind}")))?,
-        period_key: r.try_get("period_key")?,
-        offset_key: r.try_get("offset_key")?,
-        recipient: r.try_get("recipient")?,
-        locale: r.try_get("locale")?,
-        invoice_number: r.try_get("invoice_number")?,
+        period_key: r.col("period_key")?,
+        offset_key: r.col("offset_key")?,
+        recipient: r.col("recipient")?,
+        locale: r.col("locale")?,
+        invoice_number: r.col("invoice_number")?,
         context: serde_json::from_str(&context)
             .map_err(|e| StoreError::Corrupt(format!("mail context: {e}")))?,
-        status: r.try_get("status")?,
-        attempts: r.try_get("attempts")?,
-        last_error: r.try_get("last_error")?,
-        created_at: ts(r.try_get("created_at")?)?,
-        sent_at: opt_ts(r.try_get("sent_at")?)?,
+        status: r.col("status")?,
+        attempts: r.col("attempts")?,
+        last_error: r.col("last_error")?,
+        created_at: ts(r.col("created_at")?)?,
+        sent_at: opt_ts(r.col("sent_at")?)?,
     })
 }
 
-fn request_from(r: &SqliteRow) -> StoreResult<Request> {
+fn request_from(r: &impl Cols) -> StoreResult<Request> {
     Ok(Request {
-        id: r.try_get("id")?,
-        subscription_id: r.try_get("subscription_id")?,
-        kind: r.try_get("kind")?,
-        status: r.try_get("status")?,
-        reason: r.try_get("reason")?,
-        resolution: r.try_get("resolution")?,
-        created_at: ts(r.try_get("created_at")?)?,
-        updated_at: ts(r.try_get("updated_at")?)?,
-        resolved_at: opt_ts(r.try_get("resolved_at")?)?,
+        id: r.col("id")?,
+        subscription_id: r.col("subscription_id")?,
+        kind: r.col("kind")?,
+        status: r.col("status")?,
+        reason: r.col("reason")?,
+        resolution: r.col("resolution")?,
+        created_at: ts(r.col("created_at")?)?,
+        updated_at: ts(r.col("updated_at")?)?,
+        resolved_at: opt_ts(r.col("resolved_at")?)?,
     })
 }
 
@@ -364,10 +356,7 @@ fn push_lease_check(s: &mut Script, lease: &Lease) {
 /// Whether the lease read by [`push_lease_check`] is still ours.
 fn lease_held(out: &Tagged, lease: &Lease) -> StoreResult<()> {
     match out.first("lease") {
-        Some(row)
-            if row.try_get::<Option<String>, _>("lease_token")?.as_deref()
-                == Some(&lease.token) =>
-        {
+        Some(row) if row.col::<Option<String>>("lease_token")?.as_deref() == Some(&lease.token) => {
             Ok(())
         }
         Some(_) => Err(StoreError::LeaseLost(lease.renewal_id)),
@@ -456,7 +445,7 @@ async fn insert_event(
     let mut s = Script::default();
     let invoice = invoice_number.map_or(InvoiceRef::None, InvoiceRef::Known);
     push_events(&mut s, std::slice::from_ref(e), &invoice, now);
-    s.run(tx).await?;
+    tx.run(s).await?;
     Ok(())
 }
 
@@ -685,7 +674,7 @@ async fn patch_subscription(
 ) -> StoreResult<()> {
     let mut s = Script::default();
     push_subscription(&mut s, p, now);
-    if s.run(tx).await?.has("subscription") {
+    if tx.run(s).await?.has("subscription") {
         Ok(())
     } else {
         Err(subscription_conflict(p))
@@ -1284,7 +1273,7 @@ impl Store for SqliteStore {
             [renewal_id.into()],
         );
         let mut conn = self.pool.acquire().await?;
-        let out = s.run(&mut conn).await?;
+        let out = s.run_sqlx(&mut conn).await?;
         let Some(row) = out.first("work") else {
             return Ok(None);
         };
@@ -1634,7 +1623,7 @@ impl Store for SqliteStore {
         let done = tx.run(s).await?;
         let sent = done
             .rows("sent")
-            .map(|r| r.try_get::<i64, _>("id"))
+            .map(|r| r.col::<i64>("id"))
             .collect::<Result<Vec<_>, _>>()?;
         finish_write(tx, !sent.is_empty()).await?;
         Ok(sent)

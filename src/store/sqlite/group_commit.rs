@@ -25,11 +25,11 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
 
+use super::raw::Held;
 use super::script::{Script, Tagged};
 use crate::store::{StoreError, StoreResult};
 
@@ -40,7 +40,7 @@ pub(super) struct GroupCommit {
 }
 
 struct State {
-    conn: SqliteConnection,
+    conn: WriteConn,
     /// The open batch transaction (BEGIN IMMEDIATE issued), if any.
     batch: Option<Batch>,
     /// A writer's savepoint is still open: its [`WriteTx`] was dropped
@@ -116,15 +116,59 @@ pub(crate) struct WriteTx<'a> {
     opens_batch: bool,
 }
 
-/// Runs fixed SQL (one or more statements) on the write connection in one
-/// round trip. Boxed with explicit lifetimes: as a plain `async fn` over
-/// sqlx's generic executor, the futures of the store's methods stop being
-/// provably `Send`.
-fn exec(conn: &mut SqliteConnection, sql: String) -> BoxFuture<'_, Result<(), sqlx::Error>> {
-    Box::pin(async move {
-        sqlx::query(&sql).execute(&mut *conn).await?;
+/// Runs `f` on this thread. A statement that may wait (BEGIN IMMEDIATE on
+/// the busy handler while another process writes, COMMIT on the disk's
+/// flush) first tells a multi-threaded runtime to move its other tasks
+/// elsewhere; the rest (tens of microseconds) just run.
+fn may_block<T>(may_wait: bool, f: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if may_wait && multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// The write connection: driven directly (`raw::Held`) for the store's
+/// scripts and the batch's own statements, given back to sqlx for the
+/// writes that use sqlx's query API ([`WriteTx`]'s `DerefMut`).
+pub(super) struct WriteConn {
+    /// Declared before `conn`, so it is dropped (its statements finalized
+    /// and the handle given back) before the connection closes.
+    held: Option<Held>,
+    conn: SqliteConnection,
+}
+
+impl WriteConn {
+    /// The connection's handle, taken from sqlx's worker if sqlx has it.
+    async fn held(&mut self) -> Result<&mut Held, sqlx::Error> {
+        let held = match self.held.take() {
+            Some(held) => held,
+            None => Held::take(&mut self.conn).await?,
+        };
+        Ok(self.held.insert(held))
+    }
+
+    /// Runs fixed SQL (one or more statements).
+    async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+        let may_wait = sql.starts_with("BEGIN") || sql == "COMMIT";
+        let held = self.held().await?;
+        may_block(may_wait, || held.run(sql, &[], true))?;
         Ok(())
-    })
+    }
+
+    /// Runs a script; `opens_batch` when it starts with BEGIN IMMEDIATE.
+    async fn script(&mut self, script: Script, opens_batch: bool) -> StoreResult<Tagged> {
+        let held = self.held().await?;
+        may_block(opens_batch, || script.run(held))
+    }
+
+    /// The connection for sqlx's query API (the handle given back first).
+    fn sqlx(&mut self) -> &mut SqliteConnection {
+        self.held = None;
+        &mut self.conn
+    }
 }
 
 fn failed(why: &str) -> StoreError {
@@ -137,7 +181,10 @@ impl GroupCommit {
     /// Opens the dedicated write connection and starts the flusher (which
     /// ends when the store is dropped).
     pub(super) async fn open(options: &SqliteConnectOptions) -> Result<GroupCommit, sqlx::Error> {
-        let conn = options.connect().await?;
+        let conn = WriteConn {
+            held: None,
+            conn: options.connect().await?,
+        };
         let state = Arc::new(Mutex::new(State {
             conn,
             batch: None,
@@ -156,7 +203,7 @@ impl GroupCommit {
     pub(super) async fn begin(&self) -> StoreResult<WriteTx<'_>> {
         let mut tx = self.begin_deferred().await?;
         if let Some(opening) = tx.pending.take() {
-            match exec(&mut tx.state.conn, opening).await {
+            match tx.state.conn.exec(&opening).await {
                 Ok(()) => tx.opened(),
                 Err(e) => {
                     tx.open = false;
@@ -214,7 +261,7 @@ impl State {
     async fn abort_opening(&mut self) {
         debug_assert!(self.batch.is_none());
         // Fails ("no transaction is active") when BEGIN itself failed.
-        let _ = exec(&mut self.conn, "ROLLBACK".into()).await;
+        let _ = self.conn.exec("ROLLBACK").await;
     }
 
     fn mark_broken(&mut self, e: &sqlx::Error) {
@@ -229,7 +276,7 @@ impl State {
             self.abort_opening().await;
         }
         if let Some(savepoint) = self.dangling.take() {
-            if let Err(e) = exec(&mut self.conn, savepoint.rollback_to()).await {
+            if let Err(e) = self.conn.exec(&savepoint.rollback_to()).await {
                 self.mark_broken(&e);
             }
         }
@@ -247,16 +294,16 @@ impl State {
         let result = match batch.broken {
             Some(why) => {
                 // SQLite may have rolled back already; this only makes sure.
-                let _ = exec(&mut self.conn, "ROLLBACK".into()).await;
+                let _ = self.conn.exec("ROLLBACK").await;
                 Err(why)
             }
-            None if batch.members == 0 => exec(&mut self.conn, "ROLLBACK".into())
-                .await
-                .map_err(|e| e.to_string()),
-            None => match exec(&mut self.conn, "COMMIT".into()).await {
+            None if batch.members == 0 => {
+                self.conn.exec("ROLLBACK").await.map_err(|e| e.to_string())
+            }
+            None => match self.conn.exec("COMMIT").await {
                 Ok(()) => Ok(()),
                 Err(e) => {
-                    let _ = exec(&mut self.conn, "ROLLBACK".into()).await;
+                    let _ = self.conn.exec("ROLLBACK").await;
                     Err(e.to_string())
                 }
             },
@@ -284,10 +331,10 @@ impl WriteTx<'_> {
     /// the batch anew.
     pub(crate) async fn run(&mut self, mut script: Script) -> StoreResult<Tagged> {
         let Some(opening) = self.pending.take() else {
-            return script.run(&mut self.state.conn).await;
+            return self.state.conn.script(script, false).await;
         };
         script.prepend(&opening);
-        match script.run(&mut self.state.conn).await {
+        match self.state.conn.script(script, self.opens_batch).await {
             Ok(out) => {
                 self.opened();
                 Ok(out)
@@ -364,7 +411,7 @@ impl WriteTx<'_> {
             return Ok(());
         }
         let sql = format!("ROLLBACK TO {}", self.savepoint.name());
-        let result = exec(&mut self.state.conn, sql).await;
+        let result = self.state.conn.exec(&sql).await;
         if let Err(e) = &result {
             self.state.mark_broken(e);
         }
@@ -377,7 +424,7 @@ impl WriteTx<'_> {
             return Ok(());
         }
         self.open = false;
-        let result = exec(&mut self.state.conn, self.savepoint.rollback_to()).await;
+        let result = self.state.conn.exec(&self.savepoint.rollback_to()).await;
         if let Err(e) = &result {
             self.state.mark_broken(e);
         }
@@ -404,7 +451,7 @@ impl Deref for WriteTx<'_> {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        &self.state.conn
+        &self.state.conn.conn
     }
 }
 
@@ -414,7 +461,7 @@ impl DerefMut for WriteTx<'_> {
             self.pending.is_none(),
             "a deferred writer writes through WriteTx::run"
         );
-        &mut self.state.conn
+        self.state.conn.sqlx()
     }
 }
 
@@ -627,12 +674,11 @@ mod tests {
         // SQLite, but the writer's task is cancelled before it hears back.
         let mut tx = g.begin_deferred().await.unwrap();
         let opening = tx.pending.take().unwrap();
-        exec(
-            &mut tx.state.conn,
-            format!("{opening}; INSERT INTO t (id) VALUES (1)"),
-        )
-        .await
-        .unwrap();
+        tx.state
+            .conn
+            .exec(&format!("{opening}; INSERT INTO t (id) VALUES (1)"))
+            .await
+            .unwrap();
         drop(tx);
         insert(&g, 2).await.commit().await.unwrap();
         assert_eq!(committed(&options).await, vec![2]);

@@ -1,18 +1,17 @@
-//! Several statements sent to SQLite in one round trip.
+//! The statements of one write, run together on the write connection.
 //!
-//! sqlx runs each SQLite connection on a worker thread of its own, so every
-//! statement awaited on its own is a round trip between threads: about 50 µs
-//! on a 2-core VM, against about 5 µs to run the same statement as part of a
-//! multi-statement query (`renewd bench`, "renewal throughput"). A renewal's
-//! writes were a dozen round trips each, all while holding the single
-//! writer. A [`Script`] collects the statements of one write with their
-//! arguments and sends them together; statements that must find something
-//! (a lease, a row to update) end in `RETURNING '<tag>' AS tag`, and the
-//! caller checks which tags came back before releasing the savepoint.
+//! A [`Script`] collects the statements of one write with their arguments
+//! and runs them in one go, on the thread that holds the write connection
+//! (`raw`): awaited one at a time through sqlx, each would be a round trip
+//! to sqlx's worker thread (about 50 µs on a 2-core VM, against about 5 µs
+//! of SQLite's own work). Statements that must find something (a lease, a
+//! row to update) end in `RETURNING '<tag>' AS tag`, and the caller checks
+//! which tags came back before releasing the savepoint.
 
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Arguments, Row, SqliteConnection};
 
+use super::raw::{Held, RawRow};
 use crate::store::{StoreError, StoreResult};
 
 /// One bound value.
@@ -133,13 +132,13 @@ impl Script {
         self.sql.push_str(";\n");
     }
 
-    /// Runs every statement in one round trip; returns the rows of all of
-    /// them, in statement order.
-    pub(crate) async fn run(self, conn: &mut SqliteConnection) -> StoreResult<Tagged> {
+    /// Runs every statement on the held write connection, in order;
+    /// returns the rows of all of them, in statement order.
+    pub(crate) fn run(self, held: &mut Held) -> StoreResult<Tagged> {
         if self.sql.is_empty() {
             return Ok(Tagged(Vec::new()));
         }
-        // sqlx hands each `?` the next argument across the statements, so a
+        // Each `?` takes the next argument across the statements, so a
         // statement short of one would shift every later value: count them
         // (no statement here has a `?` inside a string literal).
         debug_assert_eq!(
@@ -148,6 +147,16 @@ impl Script {
             "placeholders and arguments differ in: {}",
             self.sql
         );
+        Ok(Tagged(held.run(&self.sql, &self.args, !self.one_off)?))
+    }
+
+    /// Runs a read-only script on a reader connection through sqlx, in one
+    /// round trip.
+    pub(crate) async fn run_sqlx(
+        self,
+        conn: &mut SqliteConnection,
+    ) -> StoreResult<Tagged<SqliteRow>> {
+        debug_assert_eq!(self.sql.matches('?').count(), self.args.len());
         let mut args = SqliteArguments::default();
         for a in self.args {
             let added = match a {
@@ -165,16 +174,33 @@ impl Script {
 }
 
 /// The rows a script returned; each starts with its statement's `tag`.
-pub(crate) struct Tagged(Vec<SqliteRow>);
+pub(crate) struct Tagged<R = RawRow>(Vec<R>);
 
-impl Tagged {
+/// A row that says which statement it came from.
+pub(crate) trait TaggedRow {
+    fn has_tag(&self, tag: &str) -> bool;
+}
+
+impl TaggedRow for RawRow {
+    fn has_tag(&self, tag: &str) -> bool {
+        self.is_text("tag", tag)
+    }
+}
+
+impl TaggedRow for SqliteRow {
+    fn has_tag(&self, tag: &str) -> bool {
+        self.try_get::<&str, _>("tag").is_ok_and(|t| t == tag)
+    }
+}
+
+impl<R: TaggedRow> Tagged<R> {
     /// The rows of the statements tagged `tag`.
-    pub(crate) fn rows<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a SqliteRow> + 'a {
-        self.0.iter().filter(move |r| tagged(r, tag))
+    pub(crate) fn rows<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a R> + 'a {
+        self.0.iter().filter(move |r| r.has_tag(tag))
     }
 
-    pub(crate) fn first(&self, tag: &str) -> Option<&SqliteRow> {
-        self.0.iter().find(|r| tagged(r, tag))
+    pub(crate) fn first(&self, tag: &str) -> Option<&R> {
+        self.0.iter().find(|r| r.has_tag(tag))
     }
 
     pub(crate) fn has(&self, tag: &str) -> bool {
@@ -186,14 +212,10 @@ impl Tagged {
     }
 }
 
-/// Whether a row came from a statement tagged `tag`.
-fn tagged(row: &SqliteRow, tag: &str) -> bool {
-    row.try_get::<&str, _>("tag").is_ok_and(|t| t == tag)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sqlite::raw::Cols;
     use sqlx::Connection;
 
     #[tokio::test]
@@ -223,12 +245,13 @@ mod tests {
             [99.into()],
         );
         s.push("SELECT 'row' AS tag, name, n FROM t ORDER BY id", []);
-        let out = s.run(&mut conn).await.unwrap();
+        let mut held = Held::take(&mut conn).await.unwrap();
+        let out = s.run(&mut held).unwrap();
         assert_eq!(out.count("updated"), 1);
         assert!(!out.has("missing"));
         let rows: Vec<(String, i64)> = out
             .rows("row")
-            .map(|r| (r.get("name"), r.get("n")))
+            .map(|r| (r.col("name").unwrap(), r.col("n").unwrap()))
             .collect();
         assert_eq!(rows, vec![("one".into(), 5), ("two".into(), 7)]);
     }
@@ -240,6 +263,45 @@ mod tests {
         s.push("CREATE TABLE t (id INTEGER PRIMARY KEY)", []);
         s.push("INSERT INTO t (id) VALUES (?)", [1.into()]);
         s.push("INSERT INTO t (id) VALUES (?)", [1.into()]);
-        assert!(s.run(&mut conn).await.is_err());
+        let mut held = Held::take(&mut conn).await.unwrap();
+        assert!(s.run(&mut held).is_err());
+        // The statements before the failing one ran; the handle goes back
+        // to sqlx, which sees them.
+        drop(held);
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn a_kept_script_runs_again_with_new_values_and_one_off_scripts_are_not_kept() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let mut held = Held::take(&mut conn).await.unwrap();
+        let mut s = Script::default();
+        s.push("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)", []);
+        s.run(&mut held).unwrap();
+        for (id, name) in [(1, Some("one")), (2, None)] {
+            let mut s = Script::default();
+            s.push(
+                "INSERT INTO t (id, name) VALUES (?, ?) RETURNING 'in' AS tag, id, name",
+                [id.into(), name.into()],
+            );
+            let out = s.run(&mut held).unwrap();
+            let row = out.first("in").unwrap();
+            assert_eq!(row.col::<i64>("id").unwrap(), id);
+            assert_eq!(row.col::<Option<String>>("name").unwrap().as_deref(), name);
+        }
+        assert_eq!(held.kept(), 2, "the CREATE and the INSERT");
+        let mut batch = Script::one_off();
+        batch.push("SELECT 'n' AS tag, COUNT(*) AS n FROM t", []);
+        let out = batch.run(&mut held).unwrap();
+        assert_eq!(out.first("n").unwrap().col::<i64>("n").unwrap(), 2);
+        assert_eq!(held.kept(), 2);
+        // Given back, sqlx can use (and close) the connection: every kept
+        // statement was finalized.
+        drop(held);
+        conn.close().await.unwrap();
     }
 }
