@@ -46,6 +46,9 @@ pub struct SqliteStore {
 
 type Tx<'a> = WriteTx<'a>;
 
+/// How long a connection waits for another process's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(crate) fn secs(t: Timestamp) -> i64 {
     t.as_second()
 }
@@ -80,8 +83,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(30));
-        let writer = GroupCommit::open(&options).await?;
+            .busy_timeout(BUSY_TIMEOUT);
+        let writer = GroupCommit::open(&options, BUSY_TIMEOUT).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(60))

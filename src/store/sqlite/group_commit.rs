@@ -29,7 +29,10 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
 
-use super::raw::Held;
+use std::ffi::c_int;
+use std::time::Duration;
+
+use super::raw::{self, Held};
 use super::script::{Script, Tagged};
 use crate::store::{StoreError, StoreResult};
 
@@ -116,19 +119,37 @@ pub(crate) struct WriteTx<'a> {
     opens_batch: bool,
 }
 
-/// Runs `f` on this thread. A statement that may wait (BEGIN IMMEDIATE on
-/// the busy handler while another process writes, COMMIT on the disk's
-/// flush) first tells a multi-threaded runtime to move its other tasks
-/// elsewhere; the rest (tens of microseconds) just run.
-fn may_block<T>(may_wait: bool, f: impl FnOnce() -> T) -> T {
+/// Runs `f` on this thread. A statement that may take long (COMMIT on the
+/// disk's flush, a batch of hundreds of statements) first tells a
+/// multi-threaded runtime to move this thread's other tasks elsewhere; the
+/// rest (tens of microseconds) just run. One that took over a second is
+/// logged, as sqlx logs slow statements.
+fn may_block<T>(long: bool, what: &'static str, f: impl FnOnce() -> T) -> T {
     let multi = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if may_wait && multi {
+    let started = std::time::Instant::now();
+    let out = if long && multi {
         tokio::task::block_in_place(f)
     } else {
         f()
+    };
+    let took = started.elapsed();
+    if took >= SLOW {
+        tracing::warn!(
+            statement = what,
+            elapsed_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            "slow SQLite write"
+        );
     }
+    out
 }
+
+/// A write statement slower than this is logged.
+const SLOW: Duration = Duration::from_secs(1);
+
+/// Longest pause between two tries of a BEGIN IMMEDIATE that found the
+/// database locked by another process.
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(50);
 
 /// The write connection: driven directly (`raw::Held`) for the store's
 /// scripts and the batch's own statements, given back to sqlx for the
@@ -138,6 +159,9 @@ pub(super) struct WriteConn {
     /// and the handle given back) before the connection closes.
     held: Option<Held>,
     conn: SqliteConnection,
+    /// How long a BEGIN IMMEDIATE may wait for another process's write
+    /// lock (the store's `busy_timeout`).
+    busy_timeout: Duration,
 }
 
 impl WriteConn {
@@ -145,23 +169,67 @@ impl WriteConn {
     async fn held(&mut self) -> Result<&mut Held, sqlx::Error> {
         let held = match self.held.take() {
             Some(held) => held,
-            None => Held::take(&mut self.conn).await?,
+            // SAFETY: `held` is declared before `conn`, so it is dropped
+            // first, and `sqlx()` drops it before sqlx uses `conn`.
+            None => unsafe { Held::take(&mut self.conn) }.await?,
         };
         Ok(self.held.insert(held))
     }
 
+    /// Runs `f`, an opening that starts with BEGIN IMMEDIATE, without
+    /// waiting in SQLite's busy handler (which would hold this thread, and
+    /// every future polled by the same task, for up to `busy_timeout`):
+    /// while another process holds the write lock and nothing was begun,
+    /// it tries again after a pause, until `busy_timeout` has passed.
+    async fn opening<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Held) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let limit = self.busy_timeout;
+        let restore = c_int::try_from(limit.as_millis()).unwrap_or(c_int::MAX);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let held = self.held().await?;
+            held.set_busy_timeout(0);
+            let result = f(held);
+            held.set_busy_timeout(restore);
+            let now = tokio::time::Instant::now();
+            match result {
+                Err(e)
+                    if raw::sqlite_code(&e) == Some(libsqlite3_sys::SQLITE_BUSY)
+                        && !held.in_transaction()
+                        && now < deadline =>
+                {
+                    tokio::time::sleep(pause.min(deadline - now)).await;
+                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs fixed SQL (one or more statements).
     async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
-        let may_wait = sql.starts_with("BEGIN") || sql == "COMMIT";
+        if sql.starts_with("BEGIN") {
+            return self
+                .opening(|held| held.run(sql, &[], true).map(drop))
+                .await;
+        }
         let held = self.held().await?;
-        may_block(may_wait, || held.run(sql, &[], true))?;
+        may_block(sql == "COMMIT", "COMMIT", || held.run(sql, &[], true))?;
         Ok(())
     }
 
     /// Runs a script; `opens_batch` when it starts with BEGIN IMMEDIATE.
     async fn script(&mut self, script: Script, opens_batch: bool) -> StoreResult<Tagged> {
+        if opens_batch {
+            return Ok(self.opening(|held| script.run_db(held)).await?);
+        }
         let held = self.held().await?;
-        may_block(opens_batch, || script.run(held))
+        Ok(may_block(script.is_one_off(), "batch", || {
+            script.run_db(held)
+        })?)
     }
 
     /// The connection for sqlx's query API (the handle given back first).
@@ -180,10 +248,15 @@ fn failed(why: &str) -> StoreError {
 impl GroupCommit {
     /// Opens the dedicated write connection and starts the flusher (which
     /// ends when the store is dropped).
-    pub(super) async fn open(options: &SqliteConnectOptions) -> Result<GroupCommit, sqlx::Error> {
+    /// `busy_timeout` is the one `options` sets (sqlx does not say it).
+    pub(super) async fn open(
+        options: &SqliteConnectOptions,
+        busy_timeout: Duration,
+    ) -> Result<GroupCommit, sqlx::Error> {
         let conn = WriteConn {
             held: None,
             conn: options.connect().await?,
+            busy_timeout,
         };
         let state = Arc::new(Mutex::new(State {
             conn,
@@ -478,7 +551,9 @@ mod tests {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full);
-        let g = GroupCommit::open(&options).await.unwrap();
+        let g = GroupCommit::open(&options, Duration::from_secs(30))
+            .await
+            .unwrap();
         let mut tx = g.begin().await.unwrap();
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
             .execute(&mut *tx)
@@ -685,12 +760,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_writer_waiting_for_another_process_lock_leaves_its_task_free_and_goes_on_once_released(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, options) = setup(&dir).await;
+        // Another process (a CLI command, say) holds the write lock.
+        let mut other = options.connect().await.unwrap();
+        let mut held = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO t (id) VALUES (9)")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let write = async { insert(&g, 1).await.commit().await };
+        tokio::pin!(write);
+        // The writer waits for the lock without holding the thread: the same
+        // task (one thread here) goes on with its other futures meanwhile.
+        // Waiting in SQLite's busy handler instead, the timer could not
+        // fire until the 30 s busy timeout had run out and the write failed.
+        let waited = tokio::select! {
+            done = &mut write => panic!("written while another process held the lock: {done:?}"),
+            () = tokio::time::sleep(Duration::from_millis(300)) => true,
+        };
+        assert!(waited);
+        held.commit().await.unwrap();
+        write.await.unwrap();
+        other.close().await.unwrap();
+        assert_eq!(committed(&options).await, vec![1, 9]);
+    }
+
+    #[tokio::test]
     async fn a_writer_whose_begin_waits_out_the_busy_timeout_fails_and_can_try_again() {
         let dir = tempfile::tempdir().unwrap();
         let (_, options) = setup(&dir).await;
-        let g = GroupCommit::open(&options.clone().busy_timeout(Duration::from_millis(50)))
-            .await
-            .unwrap();
+        let g = GroupCommit::open(
+            &options.clone().busy_timeout(Duration::from_millis(50)),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
         // Another process (a CLI command, say) holds the write lock.
         let mut other = options.connect().await.unwrap();
         let mut held = other.begin_with("BEGIN IMMEDIATE").await.unwrap();

@@ -136,9 +136,78 @@ impl Cols for RawRow {
     }
 }
 
-/// An error from SQLite, as the store reports database errors.
+/// A misuse caught before SQLite saw it (arguments that do not fit).
 pub(crate) fn error(what: String) -> sqlx::Error {
     sqlx::Error::Protocol(format!("sqlite: {what}"))
+}
+
+/// An error SQLite returned, with its extended result code: reported as
+/// sqlx reports SQLite's errors (`sqlx::Error::Database`, with `kind()` for
+/// constraint violations), so messages and checks read as through sqlx.
+#[derive(Debug)]
+pub(crate) struct SqliteFailure {
+    code: c_int,
+    message: String,
+}
+
+impl SqliteFailure {
+    /// The primary result code (`SQLITE_BUSY`, ...).
+    pub(crate) fn primary(&self) -> c_int {
+        self.code & 0xff
+    }
+}
+
+impl std::fmt::Display for SqliteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "(code: {}) {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for SqliteFailure {}
+
+impl sqlx::error::DatabaseError for SqliteFailure {
+    fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(self.code.to_string().into())
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        use sqlx::error::ErrorKind;
+        match self.code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                ErrorKind::UniqueViolation
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ErrorKind::ForeignKeyViolation,
+            ffi::SQLITE_CONSTRAINT_NOTNULL => ErrorKind::NotNullViolation,
+            ffi::SQLITE_CONSTRAINT_CHECK => ErrorKind::CheckViolation,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// The primary SQLite result code of `e`, if SQLite returned it here.
+pub(crate) fn sqlite_code(e: &sqlx::Error) -> Option<c_int> {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<SqliteFailure>()
+            .map(SqliteFailure::primary),
+        _ => None,
+    }
 }
 
 /// The write connection's handle, taken from sqlx's worker thread.
@@ -160,10 +229,14 @@ pub(super) struct Held {
 unsafe impl Send for Held {}
 
 impl Held {
-    /// Takes the handle of `conn` from sqlx's worker. `conn` must outlive
-    /// the returned value and must not be used through sqlx while it lives
-    /// (that would wait forever for the worker).
-    pub(super) async fn take(conn: &mut SqliteConnection) -> Result<Held, sqlx::Error> {
+    /// Takes the handle of `conn` from sqlx's worker.
+    ///
+    /// # Safety
+    /// `conn` must outlive the returned value, and must not be used through
+    /// sqlx while it lives (that would wait forever for the worker). The
+    /// lifetime argument below rests on sqlx-sqlite 0.8.6's internals, which
+    /// is why Cargo.toml pins that version.
+    pub(super) async unsafe fn take(conn: &mut SqliteConnection) -> Result<Held, sqlx::Error> {
         let mut guard = conn.lock_handle().await?;
         let db = guard.as_raw_handle();
         // SAFETY: the guard borrows the worker's shared state, which lives
@@ -187,8 +260,29 @@ impl Held {
     fn last_error(&self) -> sqlx::Error {
         // SAFETY: the handle is open and held; the message is
         // NUL-terminated and owned by SQLite until the next call.
-        let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.db.as_ptr())) };
-        error(msg.to_string_lossy().into_owned())
+        let (code, msg) = unsafe {
+            (
+                ffi::sqlite3_extended_errcode(self.db.as_ptr()),
+                CStr::from_ptr(ffi::sqlite3_errmsg(self.db.as_ptr())),
+            )
+        };
+        sqlx::Error::Database(Box::new(SqliteFailure {
+            code,
+            message: msg.to_string_lossy().into_owned(),
+        }))
+    }
+
+    /// Whether a transaction is open on the handle.
+    pub(super) fn in_transaction(&self) -> bool {
+        // SAFETY: the handle is open and held.
+        unsafe { ffi::sqlite3_get_autocommit(self.db.as_ptr()) == 0 }
+    }
+
+    /// How long SQLite's busy handler waits for another connection's lock
+    /// (as `PRAGMA busy_timeout`).
+    pub(super) fn set_busy_timeout(&mut self, ms: c_int) {
+        // SAFETY: the handle is open and held.
+        unsafe { ffi::sqlite3_busy_timeout(self.db.as_ptr(), ms) };
     }
 
     /// Prepares the first statement of `sql`; returns it (none for a tail
@@ -221,11 +315,15 @@ impl Held {
         if rc != ffi::SQLITE_OK {
             return Err(self.last_error());
         }
-        // SAFETY: `next` points into `sql` or one past its end.
-        let used = unsafe { next.cast::<u8>().offset_from(sql.as_ptr()) };
-        let used = usize::try_from(used)
-            .unwrap_or(sql.len())
-            .clamp(1, sql.len());
+        let used = if next.is_null() {
+            sql.len()
+        } else {
+            // SAFETY: a non-null `next` points into `sql` or one past its end.
+            let used = unsafe { next.cast::<u8>().offset_from(sql.as_ptr()) };
+            usize::try_from(used)
+                .unwrap_or(sql.len())
+                .clamp(1, sql.len())
+        };
         Ok((NonNull::new(stmt), used))
     }
 
@@ -311,6 +409,13 @@ impl Held {
         // it); column values are copied out before the next step.
         unsafe {
             for p in 1..=ffi::sqlite3_bind_parameter_count(stmt) {
+                // Only anonymous `?`s take the next argument; `?NNN` and
+                // `:name` would bind out of order.
+                if !ffi::sqlite3_bind_parameter_name(stmt, p).is_null() {
+                    return Err(error(
+                        "only anonymous `?` placeholders are supported".into(),
+                    ));
+                }
                 let rc = match args.next() {
                     Some(Arg::Int(Some(v))) => ffi::sqlite3_bind_int64(stmt, p, *v),
                     Some(Arg::Text(Some(s))) => ffi::sqlite3_bind_text(
@@ -346,7 +451,12 @@ impl Held {
                                     .collect()
                             })
                             .clone();
-                        let values = (0..n).map(|c| column(stmt, c)).collect();
+                        let values = (0..n).map(|c| column(stmt, c)).collect::<Vec<_>>();
+                        // A value SQLite could not copy out for lack of
+                        // memory reads as empty: never let one through.
+                        if ffi::sqlite3_errcode(self.db.as_ptr()) == ffi::SQLITE_NOMEM {
+                            return Err(self.last_error());
+                        }
                         rows.push(RawRow { names, values });
                     }
                     ffi::SQLITE_DONE => return Ok(()),

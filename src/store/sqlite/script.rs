@@ -112,6 +112,11 @@ impl Script {
         self.args.extend(args);
     }
 
+    /// Whether this script's text is one of a kind (a batch).
+    pub(crate) fn is_one_off(&self) -> bool {
+        self.one_off
+    }
+
     /// A script whose text is unlikely to recur (see `one_off`).
     pub(crate) fn one_off() -> Script {
         Script {
@@ -134,7 +139,13 @@ impl Script {
 
     /// Runs every statement on the held write connection, in order;
     /// returns the rows of all of them, in statement order.
-    pub(crate) fn run(self, held: &mut Held) -> StoreResult<Tagged> {
+    #[cfg(test)]
+    pub(crate) fn run(&self, held: &mut Held) -> StoreResult<Tagged> {
+        Ok(self.run_db(held)?)
+    }
+
+    /// As [`Script::run`], with SQLite's error as it came.
+    pub(crate) fn run_db(&self, held: &mut Held) -> Result<Tagged, sqlx::Error> {
         if self.sql.is_empty() {
             return Ok(Tagged(Vec::new()));
         }
@@ -245,7 +256,8 @@ mod tests {
             [99.into()],
         );
         s.push("SELECT 'row' AS tag, name, n FROM t ORDER BY id", []);
-        let mut held = Held::take(&mut conn).await.unwrap();
+        // SAFETY: `held` is dropped before `conn` is used again.
+        let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
         let out = s.run(&mut held).unwrap();
         assert_eq!(out.count("updated"), 1);
         assert!(!out.has("missing"));
@@ -263,8 +275,16 @@ mod tests {
         s.push("CREATE TABLE t (id INTEGER PRIMARY KEY)", []);
         s.push("INSERT INTO t (id) VALUES (?)", [1.into()]);
         s.push("INSERT INTO t (id) VALUES (?)", [1.into()]);
-        let mut held = Held::take(&mut conn).await.unwrap();
-        assert!(s.run(&mut held).is_err());
+        // SAFETY: `held` is dropped before `conn` is used again.
+        let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
+        // Reported as sqlx reports SQLite's errors, constraint kind included.
+        match s.run(&mut held) {
+            Err(StoreError::Database(sqlx::Error::Database(e))) => {
+                assert!(e.is_unique_violation(), "{e}");
+                assert!(e.message().contains("UNIQUE"), "{e}");
+            }
+            other => panic!("not a database error: {:?}", other.map(|_| ())),
+        }
         // The statements before the failing one ran; the handle goes back
         // to sqlx, which sees them.
         drop(held);
@@ -278,7 +298,8 @@ mod tests {
     #[tokio::test]
     async fn a_kept_script_runs_again_with_new_values_and_one_off_scripts_are_not_kept() {
         let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
-        let mut held = Held::take(&mut conn).await.unwrap();
+        // SAFETY: `held` is dropped before `conn` is used again.
+        let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
         let mut s = Script::default();
         s.push("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)", []);
         s.run(&mut held).unwrap();
