@@ -125,10 +125,12 @@ pub(crate) struct WriteTx<'a> {
 /// rest (tens of microseconds) just run. One that took over a second is
 /// logged, as sqlx logs slow statements.
 fn may_block<T>(long: bool, what: &'static str, f: impl FnOnce() -> T) -> T {
-    let multi = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let multi = || {
+        tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    };
     let started = std::time::Instant::now();
-    let out = if long && multi {
+    let out = if long && multi() {
         tokio::task::block_in_place(f)
     } else {
         f()
@@ -211,13 +213,20 @@ impl WriteConn {
 
     /// Runs fixed SQL (one or more statements).
     async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
-        if sql.starts_with("BEGIN") {
-            return self
-                .opening(|held| held.run(sql, &[], true).map(drop))
-                .await;
-        }
+        self.held().await?.run(sql, &[], true)?;
+        Ok(())
+    }
+
+    /// Runs fixed SQL that starts with BEGIN IMMEDIATE (see `opening`).
+    async fn exec_opening(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+        self.opening(|held| held.run(sql, &[], true).map(drop))
+            .await
+    }
+
+    /// Commits the batch transaction: waits for the disk's flush.
+    async fn commit(&mut self) -> Result<(), sqlx::Error> {
         let held = self.held().await?;
-        may_block(sql == "COMMIT", "COMMIT", || held.run(sql, &[], true))?;
+        may_block(true, "COMMIT", || held.run("COMMIT", &[], true))?;
         Ok(())
     }
 
@@ -276,7 +285,12 @@ impl GroupCommit {
     pub(super) async fn begin(&self) -> StoreResult<WriteTx<'_>> {
         let mut tx = self.begin_deferred().await?;
         if let Some(opening) = tx.pending.take() {
-            match tx.state.conn.exec(&opening).await {
+            let opened = if tx.opens_batch {
+                tx.state.conn.exec_opening(&opening).await
+            } else {
+                tx.state.conn.exec(&opening).await
+            };
+            match opened {
                 Ok(()) => tx.opened(),
                 Err(e) => {
                     tx.open = false;
@@ -373,7 +387,7 @@ impl State {
             None if batch.members == 0 => {
                 self.conn.exec("ROLLBACK").await.map_err(|e| e.to_string())
             }
-            None => match self.conn.exec("COMMIT").await {
+            None => match self.conn.commit().await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     let _ = self.conn.exec("ROLLBACK").await;
@@ -751,7 +765,7 @@ mod tests {
         let opening = tx.pending.take().unwrap();
         tx.state
             .conn
-            .exec(&format!("{opening}; INSERT INTO t (id) VALUES (1)"))
+            .exec_opening(&format!("{opening}; INSERT INTO t (id) VALUES (1)"))
             .await
             .unwrap();
         drop(tx);

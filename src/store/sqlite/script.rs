@@ -137,27 +137,25 @@ impl Script {
         self.sql.push_str(";\n");
     }
 
-    /// Runs every statement on the held write connection, in order;
-    /// returns the rows of all of them, in statement order.
-    #[cfg(test)]
-    pub(crate) fn run(&self, held: &mut Held) -> StoreResult<Tagged> {
-        Ok(self.run_db(held)?)
-    }
-
-    /// As [`Script::run`], with SQLite's error as it came.
-    pub(crate) fn run_db(&self, held: &mut Held) -> Result<Tagged, sqlx::Error> {
-        if self.sql.is_empty() {
-            return Ok(Tagged(Vec::new()));
-        }
-        // Each `?` takes the next argument across the statements, so a
-        // statement short of one would shift every later value: count them
-        // (no statement here has a `?` inside a string literal).
+    /// Each `?` takes the next argument across the statements, so a
+    /// statement short of one would shift every later value: count them
+    /// (no statement here has a `?` inside a string literal).
+    fn debug_check_placeholders(&self) {
         debug_assert_eq!(
             self.sql.matches('?').count(),
             self.args.len(),
             "placeholders and arguments differ in: {}",
             self.sql
         );
+    }
+
+    /// Runs every statement on the held write connection, in order;
+    /// returns the rows of all of them, in statement order.
+    pub(crate) fn run_db(&self, held: &mut Held) -> Result<Tagged, sqlx::Error> {
+        if self.sql.is_empty() {
+            return Ok(Tagged(Vec::new()));
+        }
+        self.debug_check_placeholders();
         Ok(Tagged(held.run(&self.sql, &self.args, !self.one_off)?))
     }
 
@@ -167,7 +165,7 @@ impl Script {
         self,
         conn: &mut SqliteConnection,
     ) -> StoreResult<Tagged<SqliteRow>> {
-        debug_assert_eq!(self.sql.matches('?').count(), self.args.len());
+        self.debug_check_placeholders();
         let mut args = SqliteArguments::default();
         for a in self.args {
             let added = match a {
@@ -258,7 +256,7 @@ mod tests {
         s.push("SELECT 'row' AS tag, name, n FROM t ORDER BY id", []);
         // SAFETY: `held` is dropped before `conn` is used again.
         let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
-        let out = s.run(&mut held).unwrap();
+        let out = s.run_db(&mut held).unwrap();
         assert_eq!(out.count("updated"), 1);
         assert!(!out.has("missing"));
         let rows: Vec<(String, i64)> = out
@@ -278,8 +276,8 @@ mod tests {
         // SAFETY: `held` is dropped before `conn` is used again.
         let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
         // Reported as sqlx reports SQLite's errors, constraint kind included.
-        match s.run(&mut held) {
-            Err(StoreError::Database(sqlx::Error::Database(e))) => {
+        match s.run_db(&mut held) {
+            Err(sqlx::Error::Database(e)) => {
                 assert!(e.is_unique_violation(), "{e}");
                 assert!(e.message().contains("UNIQUE"), "{e}");
             }
@@ -302,14 +300,14 @@ mod tests {
         let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
         let mut s = Script::default();
         s.push("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)", []);
-        s.run(&mut held).unwrap();
+        s.run_db(&mut held).unwrap();
         for (id, name) in [(1, Some("one")), (2, None)] {
             let mut s = Script::default();
             s.push(
                 "INSERT INTO t (id, name) VALUES (?, ?) RETURNING 'in' AS tag, id, name",
                 [id.into(), name.into()],
             );
-            let out = s.run(&mut held).unwrap();
+            let out = s.run_db(&mut held).unwrap();
             let row = out.first("in").unwrap();
             assert_eq!(row.col::<i64>("id").unwrap(), id);
             assert_eq!(row.col::<Option<String>>("name").unwrap().as_deref(), name);
@@ -317,7 +315,7 @@ mod tests {
         assert_eq!(held.kept(), 2, "the CREATE and the INSERT");
         let mut batch = Script::one_off();
         batch.push("SELECT 'n' AS tag, COUNT(*) AS n FROM t", []);
-        let out = batch.run(&mut held).unwrap();
+        let out = batch.run_db(&mut held).unwrap();
         assert_eq!(out.first("n").unwrap().col::<i64>("n").unwrap(), 2);
         assert_eq!(held.kept(), 2);
         // Given back, sqlx can use (and close) the connection: every kept
