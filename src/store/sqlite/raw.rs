@@ -29,7 +29,7 @@ use crate::store::{StoreError, StoreResult};
 
 /// Texts kept prepared at most (sqlx's own cache keeps 100 statements);
 /// past it, every kept statement is finalized and keeping starts over.
-const KEPT: usize = 128;
+pub(super) const KEPT: usize = 128;
 
 /// One value of a row, owned.
 #[derive(Debug, Clone, PartialEq)]

@@ -323,4 +323,44 @@ mod tests {
         drop(held);
         conn.close().await.unwrap();
     }
+
+    #[tokio::test]
+    async fn numbered_or_named_placeholders_are_refused() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        // SAFETY: `held` is dropped before `conn` is used again.
+        let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
+        for sql in [
+            "SELECT 'x' AS tag, ?1 AS v",
+            "SELECT 'x' AS tag, :v AS v, ? AS w",
+        ] {
+            let mut s = Script::default();
+            s.push(sql, [1.into()]);
+            let err = s.run_db(&mut held).map(|_| ()).unwrap_err();
+            assert!(err.to_string().contains("anonymous"), "{sql}: {err}");
+        }
+        let mut s = Script::default();
+        s.push("SELECT 'x' AS tag, ? AS v", [1.into()]);
+        assert_eq!(s.run_db(&mut held).unwrap().count("x"), 1);
+    }
+
+    #[tokio::test]
+    async fn past_the_kept_limit_the_kept_statements_start_over() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        // SAFETY: `held` is dropped before `conn` is used again.
+        let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
+        let limit = crate::store::sqlite::raw::KEPT;
+        for i in 0..limit {
+            let mut s = Script::default();
+            s.push(&format!("SELECT 'n' AS tag, {i} AS n"), []);
+            s.run_db(&mut held).unwrap();
+        }
+        assert_eq!(held.kept(), limit);
+        let mut s = Script::default();
+        s.push("SELECT 'n' AS tag, -1 AS n", []);
+        let out = s.run_db(&mut held).unwrap();
+        assert_eq!(out.first("n").unwrap().col::<i64>("n").unwrap(), -1);
+        assert_eq!(held.kept(), 1, "all finalized, the new one kept");
+        drop(held);
+        conn.close().await.unwrap();
+    }
 }
