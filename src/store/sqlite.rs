@@ -979,34 +979,41 @@ impl Store for SqliteStore {
         now: Timestamp,
         transfer_lead: jiff::SignedDuration,
     ) -> StoreResult<u64> {
-        let (_guard, mut tx) = self.write_tx().await?;
-        let cards = sqlx::query(
+        // One script on the write connection's handle: a write through
+        // sqlx's query API would take the handle back from it first.
+        let at = secs(now);
+        let mut s = Script::default();
+        s.push(
             "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
              terms_acceptance_id, created_at, updated_at) \
              SELECT s.id, 'auto', s.current_period_end, s.term + 1, 'pending', s.current_period_end, \
-                    s.terms_acceptance_id, ?1, ?1 \
+                    s.terms_acceptance_id, ?, ? \
              FROM subscriptions s \
-             WHERE s.status = 'active' AND s.current_period_end <= ?1 AND s.auto_renew = 1 \
+             WHERE s.status = 'active' AND s.current_period_end <= ? AND s.auto_renew = 1 \
                AND s.payment_kind = 'card' AND s.cancel_at_period_end = 0 \
-             ON CONFLICT (subscription_id, period_start) DO NOTHING",
-        )
-        .bind(secs(now))
-        .execute(&mut *tx)
-        .await?;
-        let transfers = sqlx::query(
+             ON CONFLICT (subscription_id, period_start) DO NOTHING \
+             RETURNING 'opened' AS tag",
+            [at.into(), at.into(), at.into()],
+        );
+        s.push(
             "INSERT INTO renewals (subscription_id, kind, period_start, term, status, next_attempt_at, \
              terms_acceptance_id, created_at, updated_at) \
-             SELECT s.id, 'auto', s.current_period_end, s.term + 1, 'pending', ?1, s.terms_acceptance_id, ?1, ?1 \
+             SELECT s.id, 'auto', s.current_period_end, s.term + 1, 'pending', ?, s.terms_acceptance_id, ?, ? \
              FROM subscriptions s \
-             WHERE s.status = 'active' AND s.current_period_end <= ?2 AND s.auto_renew = 1 \
+             WHERE s.status = 'active' AND s.current_period_end <= ? AND s.auto_renew = 1 \
                AND s.payment_kind = 'bank_transfer' AND s.cancel_at_period_end = 0 \
-             ON CONFLICT (subscription_id, period_start) DO NOTHING",
-        )
-        .bind(secs(now))
-        .bind(secs(now.saturating_add(transfer_lead).unwrap_or(now)))
-        .execute(&mut *tx)
-        .await?;
-        let opened = cards.rows_affected() + transfers.rows_affected();
+             ON CONFLICT (subscription_id, period_start) DO NOTHING \
+             RETURNING 'opened' AS tag",
+            [
+                at.into(),
+                at.into(),
+                at.into(),
+                secs(now.saturating_add(transfer_lead).unwrap_or(now)).into(),
+            ],
+        );
+        let mut tx = self.script_tx().await?;
+        let out = tx.run(s).await?;
+        let opened = u64::try_from(out.count("opened")).unwrap_or(u64::MAX);
         finish_write(tx, opened > 0).await?;
         Ok(opened)
     }
@@ -1224,22 +1231,31 @@ impl Store for SqliteStore {
         if self.is_draining() {
             return Ok(Vec::new());
         }
-        let (_guard, mut tx) = self.write_tx().await?;
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "UPDATE renewals SET lease_token = ?1, lease_owner = ?2, lease_expires_at = ?3, updated_at = ?4 \
+        let at = secs(now);
+        let mut s = Script::default();
+        s.push(
+            "UPDATE renewals SET lease_token = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? \
              WHERE id IN (SELECT id FROM renewals \
-                          WHERE status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer') AND next_attempt_at <= ?4 \
-                            AND (lease_token IS NULL OR lease_expires_at <= ?4) \
-                          ORDER BY next_attempt_at, id LIMIT ?5) \
-             RETURNING id",
-        )
-        .bind(&claim.token)
-        .bind(&claim.owner)
-        .bind(secs(claim.expires_at))
-        .bind(secs(now))
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
+                          WHERE status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer') AND next_attempt_at <= ? \
+                            AND (lease_token IS NULL OR lease_expires_at <= ?) \
+                          ORDER BY next_attempt_at, id LIMIT ?) \
+             RETURNING 'claimed' AS tag, id",
+            [
+                (&claim.token).into(),
+                (&claim.owner).into(),
+                secs(claim.expires_at).into(),
+                at.into(),
+                at.into(),
+                at.into(),
+                limit.into(),
+            ],
+        );
+        let mut tx = self.script_tx().await?;
+        let out = tx.run(s).await?;
+        let ids = out
+            .rows("claimed")
+            .map(|r| r.col::<i64>("id"))
+            .collect::<StoreResult<Vec<_>>>()?;
         finish_write(tx, !ids.is_empty()).await?;
         Ok(ids)
     }
@@ -1581,21 +1597,30 @@ impl Store for SqliteStore {
         if self.is_draining() {
             return Ok(Vec::new());
         }
-        let (_guard, mut tx) = self.write_tx().await?;
-        let rows = sqlx::query(&format!(
-            "UPDATE outbox SET lease_token = ?1, lease_expires_at = ?2 \
-             WHERE id IN (SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?3 \
-                          AND (lease_token IS NULL OR lease_expires_at <= ?3) ORDER BY next_attempt_at, id LIMIT ?4) \
-             RETURNING {MAIL_COLUMNS}"
-        ))
-        .bind(&claim.token)
-        .bind(secs(claim.expires_at))
-        .bind(secs(now))
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        finish_write(tx, !rows.is_empty()).await?;
-        let mut mails: Vec<Mail> = rows.iter().map(mail_from).collect::<StoreResult<_>>()?;
+        let mut s = Script::default();
+        s.push(
+            &format!(
+                "UPDATE outbox SET lease_token = ?, lease_expires_at = ? \
+                 WHERE id IN (SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= ? \
+                              AND (lease_token IS NULL OR lease_expires_at <= ?) ORDER BY next_attempt_at, id LIMIT ?) \
+                 RETURNING 'claimed' AS tag, {MAIL_COLUMNS}"
+            ),
+            [
+                (&claim.token).into(),
+                secs(claim.expires_at).into(),
+                secs(now).into(),
+                secs(now).into(),
+                limit.into(),
+            ],
+        );
+        let mut tx = self.script_tx().await?;
+        let out = tx.run(s).await?;
+        let claimed = out.has("claimed");
+        finish_write(tx, claimed).await?;
+        let mut mails: Vec<Mail> = out
+            .rows("claimed")
+            .map(mail_from)
+            .collect::<StoreResult<_>>()?;
         mails.sort_by_key(|m| m.id);
         Ok(mails)
     }
