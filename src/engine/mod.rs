@@ -19,6 +19,7 @@ pub use commands::{NewCustomerInput, PurchaseInput, PurchaseResult};
 pub use delivery::render as render_mail;
 pub use delivery::DeliveryStats;
 pub use flows::{CancelAt, ContactInput, FlowResult, RenewInput};
+pub(crate) use sweep::PhaseTimes;
 pub use sweep::{PlannedAction, SweepPlan, SweepSummary};
 
 use crate::clock::SharedClock;

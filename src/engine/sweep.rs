@@ -45,6 +45,16 @@ pub struct SweepSummary {
     pub errors: u32,
 }
 
+/// Time spent in each phase of one or more sweeps.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PhaseTimes {
+    pub renewals: std::time::Duration,
+    pub expiry: std::time::Duration,
+    pub reminders: std::time::Duration,
+    pub notices: std::time::Duration,
+    pub mail: std::time::Duration,
+}
+
 /// One thing a sweep at `now` would do (for `--dry-run`).
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedAction {
@@ -73,15 +83,36 @@ impl Engine {
     }
 
     pub async fn sweep_at(&self, now: Timestamp) -> EngineResult<SweepSummary> {
+        self.sweep_timed(now, &mut PhaseTimes::default()).await
+    }
+
+    /// A sweep at `now` that adds how long each phase took to `times`
+    /// (`renewd bench` shows where a simulated year goes).
+    pub(crate) async fn sweep_timed(
+        &self,
+        now: Timestamp,
+        times: &mut PhaseTimes,
+    ) -> EngineResult<SweepSummary> {
         let mut s = SweepSummary {
             now: now.to_string(),
             ..Default::default()
         };
+        let mut lap = std::time::Instant::now();
+        let mut split = |to: &mut std::time::Duration| {
+            let at = std::time::Instant::now();
+            *to += at - lap;
+            lap = at;
+        };
         self.renewals(now, &mut s).await?;
+        split(&mut times.renewals);
         self.expiries(now, &mut s).await?;
+        split(&mut times.expiry);
         self.reminders(now, &mut s).await?;
+        split(&mut times.reminders);
         self.notices(now, &mut s).await?;
+        split(&mut times.notices);
         let d = self.deliver_mail_at(now).await?;
+        split(&mut times.mail);
         s.mail_sent = d.sent;
         s.mail_failed = d.failed;
         tracing::info!(

@@ -120,7 +120,7 @@ pub(crate) struct WriteTx<'a> {
 }
 
 /// Runs `f` on this thread. A statement that may take long (COMMIT on the
-/// disk's flush, a batch of hundreds of statements) first tells a
+/// disk's flush) first tells a
 /// multi-threaded runtime to move this thread's other tasks elsewhere; the
 /// rest (tens of microseconds) just run. One that took over a second is
 /// logged, as sqlx logs slow statements.
@@ -236,9 +236,7 @@ impl WriteConn {
             return Ok(self.opening(|held| script.run_db(held)).await?);
         }
         let held = self.held().await?;
-        Ok(may_block(script.is_one_off(), "batch", || {
-            script.run_db(held)
-        })?)
+        Ok(may_block(false, "script", || script.run_db(held))?)
     }
 
     /// The connection for sqlx's query API (the handle given back first).

@@ -88,14 +88,14 @@ impl From<Option<&str>> for Arg {
 }
 
 /// The statements of one write, in order, with their `?` arguments in order.
+/// Its text is kept prepared on the write connection, so a script's text
+/// should recur: values go in as arguments, and a batch of like writes is
+/// a script per write run in one transaction (a text of its own every time
+/// was prepared anew: renewd bench, "time travel").
 #[derive(Debug, Default)]
 pub(crate) struct Script {
     sql: String,
     args: Vec<Arg>,
-    /// Not kept in the connection's statement cache: its text is one of a
-    /// kind (a batch), and a cached batch of hundreds of statements holds
-    /// their prepared forms for as long as it stays cached.
-    one_off: bool,
 }
 
 impl Script {
@@ -110,19 +110,6 @@ impl Script {
     pub(crate) fn fragment(&mut self, sql: &str, args: impl IntoIterator<Item = Arg>) {
         self.sql.push_str(sql);
         self.args.extend(args);
-    }
-
-    /// Whether this script's text is one of a kind (a batch).
-    pub(crate) fn is_one_off(&self) -> bool {
-        self.one_off
-    }
-
-    /// A script whose text is unlikely to recur (see `one_off`).
-    pub(crate) fn one_off() -> Script {
-        Script {
-            one_off: true,
-            ..Script::default()
-        }
     }
 
     /// Puts fixed SQL (statements without `?`) in front of the script.
@@ -156,7 +143,7 @@ impl Script {
             return Ok(Tagged(Vec::new()));
         }
         self.debug_check_placeholders();
-        Ok(Tagged(held.run(&self.sql, &self.args, !self.one_off)?))
+        Ok(Tagged(held.run(&self.sql, &self.args, true)?))
     }
 
     /// Runs a read-only script on a reader connection through sqlx, in one
@@ -174,10 +161,7 @@ impl Script {
             };
             added.map_err(|e| StoreError::Corrupt(format!("cannot bind a value: {e}")))?;
         }
-        let rows = sqlx::query_with(&self.sql, args)
-            .persistent(!self.one_off)
-            .fetch_all(conn)
-            .await?;
+        let rows = sqlx::query_with(&self.sql, args).fetch_all(conn).await?;
         Ok(Tagged(rows))
     }
 }
@@ -294,7 +278,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_kept_script_runs_again_with_new_values_and_one_off_scripts_are_not_kept() {
+    async fn a_kept_script_runs_again_with_new_values() {
         let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
         // SAFETY: `held` is dropped before `conn` is used again.
         let mut held = unsafe { Held::take(&mut conn) }.await.unwrap();
@@ -313,11 +297,6 @@ mod tests {
             assert_eq!(row.col::<Option<String>>("name").unwrap().as_deref(), name);
         }
         assert_eq!(held.kept(), 2, "the CREATE and the INSERT");
-        let mut batch = Script::one_off();
-        batch.push("SELECT 'n' AS tag, COUNT(*) AS n FROM t", []);
-        let out = batch.run_db(&mut held).unwrap();
-        assert_eq!(out.first("n").unwrap().col::<i64>("n").unwrap(), 2);
-        assert_eq!(held.kept(), 2);
         // Given back, sqlx can use (and close) the connection: every kept
         // statement was finalized.
         drop(held);
