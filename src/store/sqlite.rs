@@ -83,6 +83,12 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Every write runs in a savepoint of the batch transaction,
+            // whose statement journal spilled to a temporary file once it
+            // held over 64 KiB of pages: most writes created, wrote and
+            // deleted a file in the system's temporary directory (renewd
+            // bench, "time travel"). In memory it is a few pages a write.
+            .pragma("temp_store", "memory")
             .busy_timeout(BUSY_TIMEOUT);
         let writer = GroupCommit::open(&options, BUSY_TIMEOUT).await?;
         let pool = SqlitePoolOptions::new()
