@@ -35,11 +35,18 @@ use super::*;
 use crate::domain::AutoRenew;
 
 /// Migrations compiled into the binary, applied in order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "renewable_index",
+        include_str!("../../migrations/postgres/0002_renewable_index.sql"),
+    ),
+];
 
 /// The advisory lock that serializes `migrate()` of instances starting
 /// together ("renewd" in ASCII).
