@@ -151,6 +151,8 @@ impl SandboxGateway {
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A local file: no ping before every statement.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         sqlx::raw_sql(
