@@ -3,5 +3,5 @@
 -- active subscription whose period ends within the bank-transfer lead
 -- (30 days by default: a twelfth of the table), twice a sweep, reading each
 -- row to test its payment kind and flags (renewd bench, "time travel").
-CREATE INDEX subscriptions_renewable ON subscriptions (payment_kind, current_period_end)
+CREATE INDEX IF NOT EXISTS subscriptions_renewable ON subscriptions (payment_kind, current_period_end)
     WHERE status = 'active' AND auto_renew = 1 AND cancel_at_period_end = 0;

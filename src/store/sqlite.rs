@@ -90,14 +90,19 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            // Every write runs in a savepoint of the batch transaction,
-            // whose statement journal spilled to a temporary file once it
-            // held over 64 KiB of pages: most writes created, wrote and
-            // deleted a file in the system's temporary directory (renewd
-            // bench, "time travel"). In memory it is a few pages a write.
-            .pragma("temp_store", "memory")
             .busy_timeout(BUSY_TIMEOUT);
-        let writer = GroupCommit::open(&options, BUSY_TIMEOUT).await?;
+        // Every write runs in a savepoint of the batch transaction, whose
+        // statement journal spilled to a temporary file once it held over
+        // 64 KiB of pages: most writes created, wrote and deleted a file in
+        // the system's temporary directory (renewd bench, "time travel").
+        // In memory it is the pages a write changes that existed before it,
+        // freed when its savepoint is released. Only the writer: readers'
+        // large sorts may still spill to disk.
+        let writer = GroupCommit::open(
+            &options.clone().pragma("temp_store", "memory"),
+            BUSY_TIMEOUT,
+        )
+        .await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(60))
@@ -141,7 +146,13 @@ impl SqliteStore {
         }
         let mut tx = self.script_tx().await?;
         let mut queued = Vec::with_capacity(notices.len());
-        for n in notices {
+        for (i, n) in notices.iter().enumerate() {
+            // The scripts run on this thread without waiting for anything:
+            // let the runtime's other tasks in now and then (the writer's
+            // turn is held across the pause, which is safe: it is async).
+            if i > 0 && i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
             let mut s = Script::default();
             push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, "'mail' AS tag");
             push_event_if_inserted(&mut s, &n.event, now);

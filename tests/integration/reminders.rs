@@ -241,6 +241,61 @@ async fn a_batch_of_notices_queues_each_new_one_with_its_event_and_skips_those_a
     );
 }
 
+/// A notice that cannot be written (here: its subscription does not exist)
+/// fails alone: the batch's write is undone whole and its notices are
+/// queued one at a time, so the others are queued once each, with one
+/// event each, and only that one reports an error.
+#[tokio::test]
+async fn a_notice_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_queued_once() {
+    use renewd::store::{NewEvent, NewMail, Notice};
+
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    let notice = |subscription_id: i64, offset: i64| Notice {
+        mail: NewMail {
+            subscription_id,
+            customer_id: sub.customer_id,
+            kind: MailKind::RenewalReminder,
+            period_key: 1_900_000_000,
+            offset_key: offset,
+            recipient: "someone@example.com".into(),
+            locale: "en".into(),
+            context: serde_json::json!({}),
+        },
+        event: NewEvent {
+            outcome: Some("queued".into()),
+            detail: serde_json::json!({"offset_days": offset}),
+            ..NewEvent::new("mail.renewal_reminder", &sub)
+        },
+    };
+    let batch = vec![
+        notice(sub.id, 30),
+        notice(sub.id + 1_000_000, 14),
+        notice(sub.id, 7),
+    ];
+    let results = app.engine.store.queue_notices(&batch, app.now()).await;
+    assert!(matches!(results[0], Ok(true)), "{:?}", results[0]);
+    assert!(results[1].is_err(), "{:?}", results[1]);
+    assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
+
+    let offsets: Vec<i64> = app
+        .mails_of(sub.id, MailKind::RenewalReminder)
+        .await
+        .iter()
+        .map(|m| m.offset_key)
+        .collect();
+    assert_eq!(offsets, [30, 7], "the others queued once each");
+    let events: Vec<serde_json::Value> = app
+        .events_of(sub.id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "mail.renewal_reminder")
+        .map(|e| e.detail["offset_days"].clone())
+        .collect();
+    assert_eq!(events, [30, 7], "one event each, none for the failed one");
+}
+
 /// The reminder and expiry scans read subscriptions a page at a time (500),
 /// and stop at the first page that comes back short. A page boundary
 /// mishandled would leave the subscriptions past it without their reminder
