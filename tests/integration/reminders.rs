@@ -178,62 +178,25 @@ async fn turning_auto_renew_off_before_the_anniversary_means_no_charge() {
 /// audit event, one already queued writes nothing, and the order is kept.
 #[tokio::test]
 async fn a_batch_of_notices_queues_each_new_one_with_its_event_and_skips_those_already_queued() {
-    use renewd::store::{NewEvent, NewMail, Notice};
-
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let c = app.customer("UTC", "en", "US", "USD").await;
     let sub = app.purchase(c, "pm_card_visa").await;
-    let notice = |kind: MailKind, offset: i64| Notice {
-        mail: NewMail {
-            subscription_id: sub.id,
-            customer_id: sub.customer_id,
-            kind,
-            period_key: 1_900_000_000,
-            offset_key: offset,
-            recipient: "someone@example.com".into(),
-            locale: "en".into(),
-            context: serde_json::json!({}),
-        },
-        event: NewEvent {
-            outcome: Some("queued".into()),
-            detail: serde_json::json!({"offset_days": offset}),
-            ..NewEvent::new(&format!("mail.{}", kind.as_str()), &sub)
-        },
-    };
+    let notice = |offset: i64| reminder_notice(&sub, sub.id, offset);
     let store = &app.engine.store;
     let now = app.now();
-    let first = vec![
-        notice(MailKind::RenewalReminder, 30),
-        notice(MailKind::RenewalReminder, 7),
-    ];
+    let first = vec![notice(30), notice(7)];
     let queued = |results: Vec<renewd::store::StoreResult<bool>>| -> Vec<bool> {
         results.into_iter().map(|r| r.unwrap()).collect()
     };
     assert_eq!(queued(store.queue_notices(&first, now).await), [true, true]);
-    let second = vec![
-        notice(MailKind::RenewalReminder, 30),
-        notice(MailKind::RenewalReminder, 1),
-        notice(MailKind::RenewalReminder, 7),
-    ];
+    let second = vec![notice(30), notice(1), notice(7)];
     assert_eq!(
         queued(store.queue_notices(&second, now).await),
         [false, true, false]
     );
 
-    let offsets: Vec<i64> = app
-        .mails_of(sub.id, MailKind::RenewalReminder)
-        .await
-        .iter()
-        .map(|m| m.offset_key)
-        .collect();
+    let (offsets, events) = reminders_queued(&app, sub.id).await;
     assert_eq!(offsets, [30, 7, 1], "queued once each, in order");
-    let events: Vec<serde_json::Value> = app
-        .events_of(sub.id)
-        .await
-        .into_iter()
-        .filter(|e| e.kind == "mail.renewal_reminder")
-        .map(|e| e.detail["offset_days"].clone())
-        .collect();
     assert_eq!(
         events,
         [30, 7, 1],
@@ -247,52 +210,21 @@ async fn a_batch_of_notices_queues_each_new_one_with_its_event_and_skips_those_a
 /// event each, and only that one reports an error.
 #[tokio::test]
 async fn a_notice_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_queued_once() {
-    use renewd::store::{NewEvent, NewMail, Notice};
-
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let c = app.customer("UTC", "en", "US", "USD").await;
     let sub = app.purchase(c, "pm_card_visa").await;
-    let notice = |subscription_id: i64, offset: i64| Notice {
-        mail: NewMail {
-            subscription_id,
-            customer_id: sub.customer_id,
-            kind: MailKind::RenewalReminder,
-            period_key: 1_900_000_000,
-            offset_key: offset,
-            recipient: "someone@example.com".into(),
-            locale: "en".into(),
-            context: serde_json::json!({}),
-        },
-        event: NewEvent {
-            outcome: Some("queued".into()),
-            detail: serde_json::json!({"offset_days": offset}),
-            ..NewEvent::new("mail.renewal_reminder", &sub)
-        },
-    };
     let batch = vec![
-        notice(sub.id, 30),
-        notice(sub.id + 1_000_000, 14),
-        notice(sub.id, 7),
+        reminder_notice(&sub, sub.id, 30),
+        reminder_notice(&sub, sub.id + 1_000_000, 14),
+        reminder_notice(&sub, sub.id, 7),
     ];
     let results = app.engine.store.queue_notices(&batch, app.now()).await;
     assert!(matches!(results[0], Ok(true)), "{:?}", results[0]);
     assert!(results[1].is_err(), "{:?}", results[1]);
     assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
 
-    let offsets: Vec<i64> = app
-        .mails_of(sub.id, MailKind::RenewalReminder)
-        .await
-        .iter()
-        .map(|m| m.offset_key)
-        .collect();
+    let (offsets, events) = reminders_queued(&app, sub.id).await;
     assert_eq!(offsets, [30, 7], "the others queued once each");
-    let events: Vec<serde_json::Value> = app
-        .events_of(sub.id)
-        .await
-        .into_iter()
-        .filter(|e| e.kind == "mail.renewal_reminder")
-        .map(|e| e.detail["offset_days"].clone())
-        .collect();
     assert_eq!(events, [30, 7], "one event each, none for the failed one");
 }
 
@@ -319,4 +251,50 @@ async fn reminders_and_expiry_reach_every_subscription_when_there_are_more_than_
         assert_eq!(app.mails_of(id, MailKind::RenewalReminder).await.len(), 1);
         assert_eq!(app.sub(id).await.status.as_str(), "expired");
     }
+}
+
+/// A renewal reminder `offset` days out for `subscription_id` (the id may
+/// name no subscription), with the audit event that goes with it.
+fn reminder_notice(
+    sub: &renewd::store::Subscription,
+    subscription_id: i64,
+    offset: i64,
+) -> renewd::store::Notice {
+    use renewd::store::{NewEvent, NewMail, Notice};
+    Notice {
+        mail: NewMail {
+            subscription_id,
+            customer_id: sub.customer_id,
+            kind: MailKind::RenewalReminder,
+            period_key: 1_900_000_000,
+            offset_key: offset,
+            recipient: "someone@example.com".into(),
+            locale: "en".into(),
+            context: serde_json::json!({}),
+        },
+        event: NewEvent {
+            outcome: Some("queued".into()),
+            detail: serde_json::json!({"offset_days": offset}),
+            ..NewEvent::new("mail.renewal_reminder", sub)
+        },
+    }
+}
+
+/// The offsets of a subscription's queued reminders, and of their audit
+/// events, in order.
+async fn reminders_queued(app: &TestApp, sub_id: i64) -> (Vec<i64>, Vec<serde_json::Value>) {
+    let offsets = app
+        .mails_of(sub_id, MailKind::RenewalReminder)
+        .await
+        .iter()
+        .map(|m| m.offset_key)
+        .collect();
+    let events = app
+        .events_of(sub_id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "mail.renewal_reminder")
+        .map(|e| e.detail["offset_days"].clone())
+        .collect();
+    (offsets, events)
 }
