@@ -40,11 +40,15 @@ mod group_commit;
 use group_commit::{GroupCommit, WriteTx};
 mod raw;
 use raw::Cols;
+mod readers;
+use readers::Readers;
 mod script;
 use script::{Arg, Script, Tagged};
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The sweep's reads, run on the calling thread (see `readers`).
+    readers: Readers,
     /// Every write goes through here, one at a time, batched into shared commits.
     writer: GroupCommit,
     /// Set by [`Store::stop_claiming`]: claims find nothing from then on.
@@ -52,6 +56,10 @@ pub struct SqliteStore {
 }
 
 type Tx<'a> = WriteTx<'a>;
+
+/// Reader connections driven directly: one per core of the machines renewd
+/// is sized for (a read holds its connection only while SQLite runs it).
+const READERS: usize = 2;
 
 /// How long a connection waits for another process's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -110,10 +118,12 @@ impl SqliteStore {
             // that tests it is one more hand-off to its worker thread and
             // back before every read (renewd bench, "time travel").
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
+        let readers = Readers::open(&options, READERS).await?;
         Ok(SqliteStore {
             pool,
+            readers,
             writer,
             draining: std::sync::atomic::AtomicBool::new(false),
         })
@@ -981,19 +991,21 @@ impl Store for SqliteStore {
             sql.push_str(&skip_queued_sql(skip));
         }
         sql.push_str(" ORDER BY s.id LIMIT ?");
-        let mut q = sqlx::query(&sql);
-        for s in &scan.statuses {
-            q = q.bind(s.as_str());
-        }
-        q = q.bind(secs(scan.ends_at_or_before)).bind(scan.after_id);
+        let mut args: Vec<Arg> = scan.statuses.iter().map(|s| s.as_str().into()).collect();
+        args.push(secs(scan.ends_at_or_before).into());
+        args.push(scan.after_id.into());
         if let Some(after) = scan.ends_after {
-            q = q.bind(secs(after));
+            args.push(secs(after).into());
         }
         if let Some(on) = scan.auto_renew {
-            q = q.bind(on);
+            args.push(on.into());
         }
-        let rows = q.bind(scan.limit).fetch_all(&self.pool).await?;
-        rows.iter()
+        args.push(scan.limit.into());
+        let mut s = Script::default();
+        s.push(&sql, args);
+        let out = self.readers.read(&s)?;
+        out.all()
+            .iter()
             .map(|r| Ok((subscription_from(r)?, customer_from(r, "c_")?)))
             .collect()
     }
@@ -1317,8 +1329,7 @@ impl Store for SqliteStore {
             "SELECT 'attempt' AS tag, * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
             [renewal_id.into()],
         );
-        let mut conn = self.pool.acquire().await?;
-        let out = s.run_sqlx(&mut conn).await?;
+        let out = self.readers.read(&s)?;
         let Some(row) = out.first("work") else {
             return Ok(None);
         };
@@ -1731,13 +1742,13 @@ impl Store for SqliteStore {
     }
 
     async fn invoice(&self, number: &str) -> StoreResult<Option<Invoice>> {
-        let row = sqlx::query(&format!(
-            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"
-        ))
-        .bind(number)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| invoice_from(&r)).transpose()
+        let mut s = Script::default();
+        s.push(
+            &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"),
+            [number.into()],
+        );
+        let out = self.readers.read(&s)?;
+        out.all().first().map(invoice_from).transpose()
     }
 
     async fn list_invoices(&self, subscription_id: Option<i64>) -> StoreResult<Vec<Invoice>> {

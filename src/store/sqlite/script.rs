@@ -8,11 +8,7 @@
 //! row to update) end in `RETURNING '<tag>' AS tag`, and the caller checks
 //! which tags came back before releasing the savepoint.
 
-use sqlx::sqlite::{SqliteArguments, SqliteRow};
-use sqlx::{Arguments, Row, SqliteConnection};
-
 use super::raw::{Held, RawRow};
-use crate::store::{StoreError, StoreResult};
 
 /// One bound value.
 #[derive(Debug, Clone)]
@@ -145,55 +141,24 @@ impl Script {
         self.debug_check_placeholders();
         Ok(Tagged(held.run(&self.sql, &self.args, true)?))
     }
-
-    /// Runs a read-only script on a reader connection through sqlx, in one
-    /// round trip.
-    pub(crate) async fn run_sqlx(
-        self,
-        conn: &mut SqliteConnection,
-    ) -> StoreResult<Tagged<SqliteRow>> {
-        self.debug_check_placeholders();
-        let mut args = SqliteArguments::default();
-        for a in self.args {
-            let added = match a {
-                Arg::Int(v) => args.add(v),
-                Arg::Text(v) => args.add(v),
-            };
-            added.map_err(|e| StoreError::Corrupt(format!("cannot bind a value: {e}")))?;
-        }
-        let rows = sqlx::query_with(&self.sql, args).fetch_all(conn).await?;
-        Ok(Tagged(rows))
-    }
 }
 
 /// The rows a script returned; each starts with its statement's `tag`.
-pub(crate) struct Tagged<R = RawRow>(Vec<R>);
+pub(crate) struct Tagged(Vec<RawRow>);
 
-/// A row that says which statement it came from.
-pub(crate) trait TaggedRow {
-    fn has_tag(&self, tag: &str) -> bool;
-}
-
-impl TaggedRow for RawRow {
-    fn has_tag(&self, tag: &str) -> bool {
-        self.is_text("tag", tag)
-    }
-}
-
-impl TaggedRow for SqliteRow {
-    fn has_tag(&self, tag: &str) -> bool {
-        self.try_get::<&str, _>("tag").is_ok_and(|t| t == tag)
-    }
-}
-
-impl<R: TaggedRow> Tagged<R> {
+impl Tagged {
     /// The rows of the statements tagged `tag`.
-    pub(crate) fn rows<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a R> + 'a {
-        self.0.iter().filter(move |r| r.has_tag(tag))
+    pub(crate) fn rows<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a RawRow> + 'a {
+        self.0.iter().filter(move |r| r.is_text("tag", tag))
     }
 
-    pub(crate) fn first(&self, tag: &str) -> Option<&R> {
-        self.0.iter().find(|r| r.has_tag(tag))
+    /// Every row, tagged or not, in statement order.
+    pub(crate) fn all(&self) -> &[RawRow] {
+        &self.0
+    }
+
+    pub(crate) fn first(&self, tag: &str) -> Option<&RawRow> {
+        self.0.iter().find(|r| r.is_text("tag", tag))
     }
 
     pub(crate) fn has(&self, tag: &str) -> bool {
@@ -209,7 +174,7 @@ impl<R: TaggedRow> Tagged<R> {
 mod tests {
     use super::*;
     use crate::store::sqlite::raw::Cols;
-    use sqlx::Connection;
+    use sqlx::{Connection, SqliteConnection};
 
     #[tokio::test]
     async fn statements_run_in_order_with_their_arguments_and_tagged_rows() {

@@ -1,0 +1,173 @@
+//! Reader connections driven directly, on the calling thread.
+//!
+//! A read through sqlx's pool is handed to the connection's worker thread,
+//! and its rows handed back one message at a time: two or more thread
+//! wake-ups per read, which cost more than SQLite's own work on the reads a
+//! sweep makes for each renewal and each invoice it mails (renewd bench,
+//! "time travel": `futex` was the largest single item of a simulated
+//! year's profile). The sweep's reads run here instead, through SQLite's C
+//! API on the caller's thread, their statements kept prepared ([`Held`],
+//! as the write connection's are).
+//!
+//! Each connection is behind a plain mutex that is never held across an
+//! `await`: a read takes a free connection if there is one, else waits for
+//! one (a read is short: a few rows by key, or a page of a scan).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, SqliteConnection};
+
+use super::raw::Held;
+use super::script::{Script, Tagged};
+use crate::store::StoreResult;
+
+/// One reader: its handle taken from sqlx's worker.
+struct Reader {
+    /// Declared before `_conn`, so it is dropped (its statements finalized
+    /// and the handle given back) before the connection closes.
+    held: Held,
+    _conn: SqliteConnection,
+}
+
+pub(super) struct Readers {
+    slots: Vec<Mutex<Reader>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    /// Opens `n` (at least one) reader connections with `options`.
+    pub(super) async fn open(options: &SqliteConnectOptions, n: usize) -> StoreResult<Readers> {
+        let mut slots = Vec::with_capacity(n.max(1));
+        for _ in 0..n.max(1) {
+            let mut conn = options.connect().await?;
+            // SAFETY: `held` is declared before `_conn` in `Reader`, so it
+            // is dropped first, and `_conn` is never used through sqlx.
+            let held = unsafe { Held::take(&mut conn) }.await?;
+            slots.push(Mutex::new(Reader { held, _conn: conn }));
+        }
+        Ok(Readers {
+            slots,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// A free reader if there is one, else the next in turn once it is free.
+    fn reader(&self) -> MutexGuard<'_, Reader> {
+        let n = self.slots.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Ok(r) = self.slots[(first + i) % n].try_lock() {
+                return r;
+            }
+        }
+        self.slots[first]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs a read-only script (its statements in order, each in its own
+    /// read transaction) and returns the rows of all of them.
+    pub(super) fn read(&self, script: &Script) -> StoreResult<Tagged> {
+        let mut reader = self.reader();
+        Ok(script.run_db(&mut reader.held)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::raw::Cols;
+    use sqlx::sqlite::SqliteJournalMode;
+    use sqlx::Connection;
+
+    async fn setup(dir: &tempfile::TempDir, n: usize) -> (Readers, SqliteConnection) {
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("r.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let mut writer = options.connect().await.unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        (Readers::open(&options, n).await.unwrap(), writer)
+    }
+
+    fn names(readers: &Readers) -> Vec<String> {
+        let mut s = Script::default();
+        s.push("SELECT name FROM t WHERE id > ? ORDER BY id", [0.into()]);
+        let out = readers.read(&s).unwrap();
+        out.all().iter().map(|r| r.col("name").unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn each_read_sees_what_was_committed_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (readers, mut writer) = setup(&dir, 2).await;
+        assert!(names(&readers).is_empty());
+        sqlx::query("INSERT INTO t (name) VALUES ('one')")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        // The same kept statement, on each reader in turn: none of them
+        // keeps the snapshot of its last read.
+        assert_eq!(names(&readers), ["one"]);
+        assert_eq!(names(&readers), ["one"]);
+        let mut tx = writer.begin().await.unwrap();
+        sqlx::query("INSERT INTO t (name) VALUES ('two')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        // Not yet committed: not seen.
+        assert_eq!(names(&readers), ["one"]);
+        tx.commit().await.unwrap();
+        assert_eq!(names(&readers), ["one", "two"]);
+        assert_eq!(names(&readers), ["one", "two"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_is_an_error_and_the_reader_reads_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (readers, mut writer) = setup(&dir, 1).await;
+        let mut bad = Script::default();
+        bad.push("SELECT nothing FROM t WHERE id = ?", [1.into()]);
+        assert!(readers.read(&bad).is_err());
+        sqlx::query("INSERT INTO t (name) VALUES ('one')")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        assert_eq!(names(&readers), ["one"]);
+    }
+
+    #[tokio::test]
+    async fn a_read_takes_a_free_reader_or_waits_for_a_busy_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (readers, mut writer) = setup(&dir, 2).await;
+        sqlx::query("INSERT INTO t (name) VALUES ('one')")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        // One reader busy: the read goes to the other, whichever is next.
+        for busy in 0..2 {
+            let _held = readers.slots[busy].lock().unwrap();
+            assert_eq!(names(&readers), ["one"]);
+        }
+        // Both busy: the read waits until one is free.
+        let both: Vec<_> = readers.slots.iter().map(|s| s.lock().unwrap()).collect();
+        std::thread::scope(|scope| {
+            let (done, finished) = std::sync::mpsc::channel();
+            let readers = &readers;
+            scope.spawn(move || {
+                let read = names(readers);
+                done.send(read).unwrap();
+            });
+            assert!(finished
+                .recv_timeout(std::time::Duration::from_millis(100))
+                .is_err());
+            drop(both);
+            assert_eq!(finished.recv().unwrap(), ["one"]);
+        });
+    }
+}
