@@ -282,6 +282,7 @@ impl Engine {
                     ends_after: None,
                     ends_at_or_before: now,
                     without_open_renewal: true,
+                    not_cancelling: false,
                     after_id: after,
                     limit: SCAN_BATCH,
                     skip_queued: None,
@@ -457,6 +458,7 @@ impl Engine {
                     ends_after: Some(now),
                     ends_at_or_before: horizon,
                     without_open_renewal: false,
+                    not_cancelling: true,
                     after_id: after,
                     limit: SCAN_BATCH,
                     // Queued notices are not offered again every day.
@@ -472,7 +474,7 @@ impl Engine {
             // write per subscription made every notice wait for its own
             // commit: renewd bench, "time travel").
             let mut notices = Vec::new();
-            for (sub, customer) in batch.iter().filter(|(s, _)| !s.cancel_at_period_end) {
+            for (sub, customer) in &batch {
                 let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
                 for (kind, offset, ctx) in f(sub, customer) {
                     notices.push(Notice {
@@ -598,6 +600,7 @@ impl Engine {
                 ends_after: None,
                 ends_at_or_before: now,
                 without_open_renewal: true,
+                not_cancelling: false,
                 after_id: 0,
                 limit: u32::MAX,
                 skip_queued: None,
@@ -626,6 +629,7 @@ impl Engine {
                 ends_after: None,
                 ends_at_or_before: now.saturating_add(lead).unwrap_or(now),
                 without_open_renewal: true,
+                not_cancelling: false,
                 after_id: 0,
                 limit: u32::MAX,
                 skip_queued: None,
@@ -680,6 +684,7 @@ impl Engine {
                 ends_after: None,
                 ends_at_or_before: now,
                 without_open_renewal: true,
+                not_cancelling: false,
                 after_id: 0,
                 limit: u32::MAX,
                 skip_queued: None,
@@ -713,6 +718,7 @@ impl Engine {
                 ends_after: Some(now),
                 ends_at_or_before: horizon,
                 without_open_renewal: false,
+                not_cancelling: true,
                 after_id: 0,
                 limit: u32::MAX,
                 skip_queued: None,

@@ -1059,6 +1059,9 @@ impl Store for PgStore {
             if scan.card_only {
                 q.push(" AND s.payment_kind = 'card'");
             }
+            if scan.not_cancelling {
+                q.push(" AND NOT s.cancel_at_period_end");
+            }
             if scan.without_open_renewal {
                 q.push(format!(
                     " AND NOT EXISTS (SELECT 1 FROM renewals r WHERE r.subscription_id = s.id \

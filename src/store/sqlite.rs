@@ -981,6 +981,9 @@ impl Store for SqliteStore {
         if scan.card_only {
             sql.push_str(" AND s.payment_kind = 'card'");
         }
+        if scan.not_cancelling {
+            sql.push_str(" AND s.cancel_at_period_end = 0");
+        }
         if scan.without_open_renewal {
             sql.push_str(
                 " AND NOT EXISTS (SELECT 1 FROM renewals r WHERE r.subscription_id = s.id \

@@ -398,6 +398,52 @@ async fn a_cancellation_at_period_end_charges_nothing_at_the_anniversary() {
 }
 
 #[tokio::test]
+async fn a_cancellation_at_period_end_with_auto_renewal_off_gets_no_reminders() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let sub = app.tokyo_subscription().await;
+    let plain = app.tokyo_subscription().await;
+    for id in [sub.id, plain.id] {
+        app.engine.set_auto_renew(id, false).await.unwrap();
+    }
+    let req = app
+        .engine
+        .open_request(sub.id, "cancel", "closing down")
+        .await
+        .unwrap();
+    app.engine
+        .resolve_request(req.id, CancelAt::PeriodEnd)
+        .await
+        .unwrap();
+    assert!(app.sub(sub.id).await.cancel_at_period_end);
+
+    // Inside the reminder window: the dry run plans a reminder for the
+    // subscription that will lapse, none for the one that is cancelling.
+    app.set("2028-03-05T00:00:00Z");
+    let plan = app.engine.plan_at(app.now()).await.unwrap();
+    let reminded: Vec<i64> = plan
+        .actions
+        .iter()
+        .filter(|a| a.action == "remind")
+        .map(|a| a.subscription_id)
+        .collect();
+    assert_eq!(reminded, [plain.id], "{:?}", plan.actions);
+
+    app.run_until("2028-04-10T00:00:00Z", days(1)).await;
+    assert!(
+        app.mails_of(sub.id, MailKind::RenewalReminder)
+            .await
+            .is_empty(),
+        "no reminder for a subscription cancelling at period end"
+    );
+    assert!(!app
+        .mails_of(plain.id, MailKind::RenewalReminder)
+        .await
+        .is_empty());
+    assert_eq!(app.sub(sub.id).await.status, Status::Cancelled);
+    assert_eq!(app.sub(plain.id).await.status, Status::Expired);
+}
+
+#[tokio::test]
 async fn a_cancellation_now_stops_reminders_at_once() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let sub = app.tokyo_subscription().await;
