@@ -589,6 +589,17 @@ pub struct Scan {
     pub skip_queued: Option<QueuedNotice>,
 }
 
+impl Scan {
+    /// Whether this is the reminder scan (active subscriptions with
+    /// auto-renewal off, not cancelling), which reads the partial index
+    /// `subscriptions_remind` (migration 3) instead of `subscriptions_due`.
+    /// A store then states the index's conditions in the query as
+    /// literals, for the planner to see that the index holds every row.
+    pub(crate) fn reads_reminder_index(&self) -> bool {
+        self.statuses == [Status::Active] && self.not_cancelling && self.auto_renew == Some(false)
+    }
+}
+
 /// Notices a [`Scan`] may leave out once they are queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueuedNotice {

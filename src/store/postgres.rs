@@ -46,6 +46,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "renewable_index",
         include_str!("../../migrations/postgres/0002_renewable_index.sql"),
     ),
+    (
+        3,
+        "reminder_index",
+        include_str!("../../migrations/postgres/0003_reminder_index.sql"),
+    ),
 ];
 
 /// The advisory lock that serializes `migrate()` of instances starting
@@ -1061,6 +1066,11 @@ impl Store for PgStore {
             }
             if scan.not_cancelling {
                 q.push(" AND NOT s.cancel_at_period_end");
+            }
+            // The reminder scan's partial index (migration 3): its
+            // conditions as literals, which a generic plan can match.
+            if scan.reads_reminder_index() {
+                q.push(" AND s.status = 'active' AND NOT s.auto_renew");
             }
             if scan.without_open_renewal {
                 q.push(format!(

@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "renewable_index",
         include_str!("../../migrations/sqlite/0002_renewable_index.sql"),
     ),
+    (
+        3,
+        "reminder_index",
+        include_str!("../../migrations/sqlite/0003_reminder_index.sql"),
+    ),
 ];
 
 mod group_commit;
@@ -963,14 +968,23 @@ impl Store for SqliteStore {
 
     async fn scan(&self, scan: &Scan) -> StoreResult<Vec<(Subscription, Customer)>> {
         let marks = vec!["?"; scan.statuses.len()].join(", ");
+        // INDEXED BY: with `ORDER BY s.id` the planner otherwise walks the
+        // whole table in id order, so a sweep that finds nothing would cost
+        // O(table) (renewd bench, "empty sweep"); the due index reads only
+        // the periods that have ended. The reminder scan reads its own
+        // partial index, whose conditions are repeated as literals.
+        let (index, conditions) = if scan.reads_reminder_index() {
+            (
+                "subscriptions_remind",
+                " AND s.status = 'active' AND s.auto_renew = 0 AND s.cancel_at_period_end = 0",
+            )
+        } else {
+            ("subscriptions_due", "")
+        };
         let mut sql = format!(
-            // INDEXED BY: with `ORDER BY s.id` the planner otherwise walks the
-            // whole table in id order, so a sweep that finds nothing would
-            // cost O(table) (renewd bench, "empty sweep"); the due index
-            // reads only the periods that have ended.
-            "SELECT {SUBSCRIPTION_COLUMNS}, {CUSTOMER_COLUMNS} FROM subscriptions s INDEXED BY subscriptions_due \
+            "SELECT {SUBSCRIPTION_COLUMNS}, {CUSTOMER_COLUMNS} FROM subscriptions s INDEXED BY {index} \
              JOIN customers c ON c.id = s.customer_id \
-             WHERE s.status IN ({marks}) AND s.current_period_end <= ? AND s.id > ?"
+             WHERE s.status IN ({marks}) AND s.current_period_end <= ? AND s.id > ?{conditions}"
         );
         if scan.ends_after.is_some() {
             sql.push_str(" AND s.current_period_end > ?");
