@@ -125,7 +125,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
-        let readers = Readers::open(&options, READERS).await?;
+        let readers = Readers::open(&options, READERS, BUSY_TIMEOUT).await?;
         Ok(SqliteStore {
             pool,
             readers,
@@ -1020,7 +1020,10 @@ impl Store for SqliteStore {
         args.push(scan.limit.into());
         let mut s = Script::default();
         s.push(&sql, args);
-        let out = self.readers.read(&s)?;
+        // The reminder scan's text holds the day's cutoffs: run once, not
+        // kept (kept, a text a day would push the recurring reads out).
+        let keep = !matches!(scan.skip_queued, Some(QueuedNotice::Reminders { .. }));
+        let out = self.readers.read(&s, keep).await?;
         out.all()
             .iter()
             .map(|r| Ok((subscription_from(r)?, customer_from(r, "c_")?)))
@@ -1346,7 +1349,7 @@ impl Store for SqliteStore {
             "SELECT 'attempt' AS tag, * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
             [renewal_id.into()],
         );
-        let out = self.readers.read(&s)?;
+        let out = self.readers.read(&s, true).await?;
         let Some(row) = out.first("work") else {
             return Ok(None);
         };
@@ -1764,7 +1767,7 @@ impl Store for SqliteStore {
             &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"),
             [number.into()],
         );
-        let out = self.readers.read(&s)?;
+        let out = self.readers.read(&s, true).await?;
         out.all().first().map(invoice_from).transpose()
     }
 

@@ -210,7 +210,8 @@ pub(crate) fn sqlite_code(e: &sqlx::Error) -> Option<c_int> {
     }
 }
 
-/// The write connection's handle, taken from sqlx's worker thread.
+/// A connection's handle (the write connection's, or a reader's), taken
+/// from sqlx's worker thread.
 pub(super) struct Held {
     /// Statements prepared on the handle, by text; all finalized in `drop`,
     /// before the handle goes back.
@@ -222,7 +223,8 @@ pub(super) struct Held {
 }
 
 // SAFETY: the handle is used by one thread at a time: `Held` is reached
-// only through the store's write mutex, and sqlx's worker thread is parked
+// only through the store's write mutex (the write connection's) or a
+// reader's own mutex (`readers`), and sqlx's worker thread is parked
 // on the connection's lock for as long as `_guard` lives. SQLite handles
 // opened by sqlx may move between threads (sqlx's own worker model relies
 // on it; SQLite is built threadsafe).

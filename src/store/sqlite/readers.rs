@@ -11,15 +11,20 @@
 //!
 //! Each connection is behind a plain mutex that is never held across an
 //! `await`: a read takes a free connection if there is one, else waits for
-//! one (a read is short: a few rows by key, or a page of a scan).
+//! one (a read is short: a few rows by key, or a page of a scan). SQLite's
+//! busy handler is off on the readers, so a read that finds the database
+//! locked by another process (a WAL recovery, an exclusive lock) does not
+//! hold the thread: it lets go of its reader and tries again after an
+//! async pause, until the store's busy timeout has passed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 
-use super::raw::Held;
+use super::raw::{self, Held};
 use super::script::{Script, Tagged};
 use crate::store::StoreResult;
 
@@ -34,22 +39,34 @@ struct Reader {
 pub(super) struct Readers {
     slots: Vec<Mutex<Reader>>,
     next: AtomicUsize,
+    /// How long a read keeps trying while the database is locked.
+    busy_timeout: Duration,
 }
 
+/// Longest pause between two tries of a read that found the database locked.
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(50);
+
 impl Readers {
-    /// Opens `n` (at least one) reader connections with `options`.
-    pub(super) async fn open(options: &SqliteConnectOptions, n: usize) -> StoreResult<Readers> {
+    /// Opens `n` (at least one) reader connections with `options`; a read
+    /// that finds the database locked keeps trying for `busy_timeout`.
+    pub(super) async fn open(
+        options: &SqliteConnectOptions,
+        n: usize,
+        busy_timeout: Duration,
+    ) -> StoreResult<Readers> {
         let mut slots = Vec::with_capacity(n.max(1));
         for _ in 0..n.max(1) {
             let mut conn = options.connect().await?;
             // SAFETY: `held` is declared before `_conn` in `Reader`, so it
             // is dropped first, and `_conn` is never used through sqlx.
-            let held = unsafe { Held::take(&mut conn) }.await?;
+            let mut held = unsafe { Held::take(&mut conn) }.await?;
+            held.set_busy_timeout(0);
             slots.push(Mutex::new(Reader { held, _conn: conn }));
         }
         Ok(Readers {
             slots,
             next: AtomicUsize::new(0),
+            busy_timeout,
         })
     }
 
@@ -68,10 +85,26 @@ impl Readers {
     }
 
     /// Runs a read-only script (its statements in order, each in its own
-    /// read transaction) and returns the rows of all of them.
-    pub(super) fn read(&self, script: &Script) -> StoreResult<Tagged> {
-        let mut reader = self.reader();
-        Ok(script.run_db(&mut reader.held)?)
+    /// read transaction) and returns the rows of all of them; with `keep`,
+    /// its statements stay prepared for the next read of the same text.
+    pub(super) async fn read(&self, script: &Script, keep: bool) -> StoreResult<Tagged> {
+        let deadline = tokio::time::Instant::now() + self.busy_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            // The reader is given back before any pause.
+            let result = script.run_held(&mut self.reader().held, keep);
+            let now = tokio::time::Instant::now();
+            match result {
+                Err(e)
+                    if raw::sqlite_code(&e) == Some(libsqlite3_sys::SQLITE_BUSY)
+                        && now < deadline =>
+                {
+                    tokio::time::sleep(pause.min(deadline - now)).await;
+                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 }
 
@@ -92,13 +125,18 @@ mod tests {
             .execute(&mut writer)
             .await
             .unwrap();
-        (Readers::open(&options, n).await.unwrap(), writer)
+        (
+            Readers::open(&options, n, Duration::from_secs(30))
+                .await
+                .unwrap(),
+            writer,
+        )
     }
 
-    fn names(readers: &Readers) -> Vec<String> {
+    async fn names(readers: &Readers) -> Vec<String> {
         let mut s = Script::default();
         s.push("SELECT name FROM t WHERE id > ? ORDER BY id", [0.into()]);
-        let out = readers.read(&s).unwrap();
+        let out = readers.read(&s, true).await.unwrap();
         out.all().iter().map(|r| r.col("name").unwrap()).collect()
     }
 
@@ -106,25 +144,25 @@ mod tests {
     async fn each_read_sees_what_was_committed_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let (readers, mut writer) = setup(&dir, 2).await;
-        assert!(names(&readers).is_empty());
+        assert!(names(&readers).await.is_empty());
         sqlx::query("INSERT INTO t (name) VALUES ('one')")
             .execute(&mut writer)
             .await
             .unwrap();
         // The same kept statement, on each reader in turn: none of them
         // keeps the snapshot of its last read.
-        assert_eq!(names(&readers), ["one"]);
-        assert_eq!(names(&readers), ["one"]);
+        assert_eq!(names(&readers).await, ["one"]);
+        assert_eq!(names(&readers).await, ["one"]);
         let mut tx = writer.begin().await.unwrap();
         sqlx::query("INSERT INTO t (name) VALUES ('two')")
             .execute(&mut *tx)
             .await
             .unwrap();
         // Not yet committed: not seen.
-        assert_eq!(names(&readers), ["one"]);
+        assert_eq!(names(&readers).await, ["one"]);
         tx.commit().await.unwrap();
-        assert_eq!(names(&readers), ["one", "two"]);
-        assert_eq!(names(&readers), ["one", "two"]);
+        assert_eq!(names(&readers).await, ["one", "two"]);
+        assert_eq!(names(&readers).await, ["one", "two"]);
     }
 
     #[tokio::test]
@@ -133,14 +171,25 @@ mod tests {
         let (readers, mut writer) = setup(&dir, 1).await;
         let mut bad = Script::default();
         bad.push("SELECT nothing FROM t WHERE id = ?", [1.into()]);
-        assert!(readers.read(&bad).is_err());
+        assert!(readers.read(&bad, true).await.is_err());
+        // One that fails while it runs, after its first row: the statement
+        // is reset all the same, and holds no snapshot.
+        let mut overflow = Script::default();
+        overflow.push(
+            "SELECT abs(v) AS a FROM (SELECT 1 AS v UNION ALL SELECT -9223372036854775808) WHERE ? ORDER BY v DESC",
+            [1.into()],
+        );
+        assert!(readers.read(&overflow, true).await.is_err());
         sqlx::query("INSERT INTO t (name) VALUES ('one')")
             .execute(&mut writer)
             .await
             .unwrap();
-        assert_eq!(names(&readers), ["one"]);
+        assert_eq!(names(&readers).await, ["one"]);
     }
 
+    // The test holds readers busy while it reads (a read awaits only on a
+    // locked database, which this test never has).
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
     async fn a_read_takes_a_free_reader_or_waits_for_a_busy_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -152,7 +201,7 @@ mod tests {
         // One reader busy: the read goes to the other, whichever is next.
         for busy in 0..2 {
             let _held = readers.slots[busy].lock().unwrap();
-            assert_eq!(names(&readers), ["one"]);
+            assert_eq!(names(&readers).await, ["one"]);
         }
         // Both busy: the read waits until one is free.
         let both: Vec<_> = readers.slots.iter().map(|s| s.lock().unwrap()).collect();
@@ -160,8 +209,11 @@ mod tests {
             let (done, finished) = std::sync::mpsc::channel();
             let readers = &readers;
             scope.spawn(move || {
-                let read = names(readers);
-                done.send(read).unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                done.send(runtime.block_on(names(readers))).unwrap();
             });
             assert!(finished
                 .recv_timeout(std::time::Duration::from_millis(100))
@@ -169,5 +221,28 @@ mod tests {
             drop(both);
             assert_eq!(finished.recv().unwrap(), ["one"]);
         });
+    }
+
+    #[tokio::test]
+    async fn a_kept_read_follows_a_change_of_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let (readers, mut writer) = setup(&dir, 1).await;
+        let mut s = Script::default();
+        s.push("SELECT * FROM t WHERE id > ?", [0.into()]);
+        sqlx::query("INSERT INTO t (name) VALUES ('one')")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        let before = readers.read(&s, true).await.unwrap();
+        assert!(before.all()[0].col::<Option<String>>("extra").is_err());
+        sqlx::query("ALTER TABLE t ADD COLUMN extra TEXT DEFAULT 'x'")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        let after = readers.read(&s, true).await.unwrap();
+        assert_eq!(
+            after.all()[0].col::<Option<String>>("extra").unwrap(),
+            Some("x".to_string())
+        );
     }
 }
