@@ -8,6 +8,16 @@ use renewd::mail::MailKind;
 
 use crate::support::{days, t, TestApp};
 
+/// A cancellation request for `id`, opened and resolved at once.
+async fn cancel(app: &TestApp, id: i64, at: CancelAt) {
+    let req = app
+        .engine
+        .open_request(id, "cancel", "closing down")
+        .await
+        .unwrap();
+    app.engine.resolve_request(req.id, at).await.unwrap();
+}
+
 #[tokio::test]
 async fn re_enabling_auto_renew_is_refused_until_a_manual_renewal_and_allowed_right_after() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
@@ -405,15 +415,7 @@ async fn a_cancellation_at_period_end_with_auto_renewal_off_gets_no_reminders() 
     for id in [sub.id, plain.id] {
         app.engine.set_auto_renew(id, false).await.unwrap();
     }
-    let req = app
-        .engine
-        .open_request(sub.id, "cancel", "closing down")
-        .await
-        .unwrap();
-    app.engine
-        .resolve_request(req.id, CancelAt::PeriodEnd)
-        .await
-        .unwrap();
+    cancel(&app, sub.id, CancelAt::PeriodEnd).await;
     assert!(app.sub(sub.id).await.cancel_at_period_end);
 
     // Inside the reminder window: the dry run plans a reminder for the
@@ -453,15 +455,7 @@ async fn a_cancellation_now_stops_reminders_at_once() {
         app.mails_of(sub.id, MailKind::RenewalReminder).await.len(),
         1
     );
-    let req = app
-        .engine
-        .open_request(sub.id, "cancel", "no longer needed")
-        .await
-        .unwrap();
-    app.engine
-        .resolve_request(req.id, CancelAt::Now)
-        .await
-        .unwrap();
+    cancel(&app, sub.id, CancelAt::Now).await;
     assert_eq!(app.sub(sub.id).await.status, Status::Cancelled);
     app.run_until("2028-05-01T00:00:00Z", days(1)).await;
     assert_eq!(
@@ -684,15 +678,7 @@ async fn a_dry_run_previews_transfer_invoices_and_period_end_cancellations_and_w
         .await
         .unwrap();
     let cancelling = app.tokyo_subscription().await;
-    let req = app
-        .engine
-        .open_request(cancelling.id, "cancel", "closing down")
-        .await
-        .unwrap();
-    app.engine
-        .resolve_request(req.id, CancelAt::PeriodEnd)
-        .await
-        .unwrap();
+    cancel(&app, cancelling.id, CancelAt::PeriodEnd).await;
 
     app.set("2028-03-31T16:00:00Z");
     let before = app.fingerprint().await;
