@@ -723,10 +723,12 @@ async fn patch_subscription(
     }
 }
 
-/// The `AND NOT ...` clause of [`Scan::skip_queued`]. Every value in it is
-/// an integer or a mail kind name, written inline. Each probe is one lookup
-/// in the outbox's unique (subscription, period, kind, offset) index.
-fn skip_queued_sql(skip: &QueuedNotice) -> String {
+/// The `AND NOT ...` clause of [`Scan::skip_queued`] and the values of its
+/// `?`s. The offsets and mail kind names, which come from the config, are
+/// written inline; the reminder cutoffs, which move with `now`, are bound,
+/// so the text recurs from day to day and stays prepared. Each probe is one
+/// lookup in the outbox's unique (subscription, period, kind, offset) index.
+fn skip_queued_sql(skip: &QueuedNotice) -> (String, Vec<Arg>) {
     let queued = |kind: MailKind, offset: &str| {
         format!(
             "EXISTS (SELECT 1 FROM outbox o WHERE o.subscription_id = s.id AND o.period_key = s.current_period_end \
@@ -736,27 +738,35 @@ fn skip_queued_sql(skip: &QueuedNotice) -> String {
     };
     match skip {
         QueuedNotice::Reminders { offsets_days, now } => {
+            let mut args = Vec::new();
             let arms: Vec<String> = QueuedNotice::reminder_cutoffs(offsets_days, *now)
                 .into_iter()
                 .map(|(d, cutoff)| match cutoff {
-                    Some(c) => format!("(o.offset_key = {d} AND s.current_period_end > {c})"),
+                    Some(c) => {
+                        args.push(c.into());
+                        format!("(o.offset_key = {d} AND s.current_period_end > ?)")
+                    }
                     None => format!("o.offset_key = {d}"),
                 })
                 .collect();
             if arms.is_empty() {
-                return String::new();
+                return (String::new(), args);
             }
-            format!(
+            let sql = format!(
                 " AND NOT {}",
                 queued(MailKind::RenewalReminder, &format!("({})", arms.join(" OR ")))
-            )
+            );
+            (sql, args)
         }
-        QueuedNotice::Upcoming { days } => format!(
+        QueuedNotice::Upcoming { days } => (
+            format!(
             " AND NOT ({} AND (s.card_expiry IS NULL \
                OR (length(s.card_expiry) = 7 AND s.card_expiry >= strftime('%Y-%m', s.current_period_end + 86400, 'unixepoch')) \
                OR {}))",
-            queued(MailKind::UpcomingRenewal, &format!("o.offset_key = {days}")),
-            queued(MailKind::CardExpiring, "o.offset_key = 0")
+                queued(MailKind::UpcomingRenewal, &format!("o.offset_key = {days}")),
+                queued(MailKind::CardExpiring, "o.offset_key = 0")
+            ),
+            Vec::new(),
         ),
     }
 }
@@ -1004,10 +1014,6 @@ impl Store for SqliteStore {
                  AND r.status IN ('pending', 'retrying', 'action_required', 'awaiting_transfer'))",
             );
         }
-        if let Some(skip) = &scan.skip_queued {
-            sql.push_str(&skip_queued_sql(skip));
-        }
-        sql.push_str(" ORDER BY s.id LIMIT ?");
         let mut args: Vec<Arg> = scan.statuses.iter().map(|s| s.as_str().into()).collect();
         args.push(secs(scan.ends_at_or_before).into());
         args.push(scan.after_id.into());
@@ -1017,13 +1023,16 @@ impl Store for SqliteStore {
         if let Some(on) = scan.auto_renew {
             args.push(on.into());
         }
+        if let Some(skip) = &scan.skip_queued {
+            let (clause, skip_args) = skip_queued_sql(skip);
+            sql.push_str(&clause);
+            args.extend(skip_args);
+        }
+        sql.push_str(" ORDER BY s.id LIMIT ?");
         args.push(scan.limit.into());
         let mut s = Script::default();
         s.push(&sql, args);
-        // The reminder scan's text holds the day's cutoffs: run once, not
-        // kept (kept, a text a day would push the recurring reads out).
-        let keep = !matches!(scan.skip_queued, Some(QueuedNotice::Reminders { .. }));
-        let out = self.readers.read(&s, keep).await?;
+        let out = self.readers.read(&s).await?;
         out.all()
             .iter()
             .map(|r| Ok((subscription_from(r)?, customer_from(r, "c_")?)))
@@ -1349,7 +1358,7 @@ impl Store for SqliteStore {
             "SELECT 'attempt' AS tag, * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
             [renewal_id.into()],
         );
-        let out = self.readers.read(&s, true).await?;
+        let out = self.readers.read(&s).await?;
         let Some(row) = out.first("work") else {
             return Ok(None);
         };
@@ -1767,7 +1776,7 @@ impl Store for SqliteStore {
             &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"),
             [number.into()],
         );
-        let out = self.readers.read(&s, true).await?;
+        let out = self.readers.read(&s).await?;
         out.all().first().map(invoice_from).transpose()
     }
 

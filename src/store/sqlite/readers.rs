@@ -85,14 +85,14 @@ impl Readers {
     }
 
     /// Runs a read-only script (its statements in order, each in its own
-    /// read transaction) and returns the rows of all of them; with `keep`,
-    /// its statements stay prepared for the next read of the same text.
-    pub(super) async fn read(&self, script: &Script, keep: bool) -> StoreResult<Tagged> {
+    /// read transaction) and returns the rows of all of them; its
+    /// statements stay prepared for the next read of the same text.
+    pub(super) async fn read(&self, script: &Script) -> StoreResult<Tagged> {
         let deadline = tokio::time::Instant::now() + self.busy_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
             // The reader is given back before any pause.
-            let result = script.run_held(&mut self.reader().held, keep);
+            let result = script.run_db(&mut self.reader().held);
             let now = tokio::time::Instant::now();
             match result {
                 Err(e)
@@ -136,7 +136,7 @@ mod tests {
     async fn names(readers: &Readers) -> Vec<String> {
         let mut s = Script::default();
         s.push("SELECT name FROM t WHERE id > ? ORDER BY id", [0.into()]);
-        let out = readers.read(&s, true).await.unwrap();
+        let out = readers.read(&s).await.unwrap();
         out.all().iter().map(|r| r.col("name").unwrap()).collect()
     }
 
@@ -171,7 +171,7 @@ mod tests {
         let (readers, mut writer) = setup(&dir, 1).await;
         let mut bad = Script::default();
         bad.push("SELECT nothing FROM t WHERE id = ?", [1.into()]);
-        assert!(readers.read(&bad, true).await.is_err());
+        assert!(readers.read(&bad).await.is_err());
         // One that fails while it runs, after its first row: the statement
         // is reset all the same, and holds no snapshot.
         let mut overflow = Script::default();
@@ -179,7 +179,7 @@ mod tests {
             "SELECT abs(v) AS a FROM (SELECT 1 AS v UNION ALL SELECT -9223372036854775808) WHERE ? ORDER BY v DESC",
             [1.into()],
         );
-        assert!(readers.read(&overflow, true).await.is_err());
+        assert!(readers.read(&overflow).await.is_err());
         sqlx::query("INSERT INTO t (name) VALUES ('one')")
             .execute(&mut writer)
             .await
@@ -233,13 +233,13 @@ mod tests {
             .execute(&mut writer)
             .await
             .unwrap();
-        let before = readers.read(&s, true).await.unwrap();
+        let before = readers.read(&s).await.unwrap();
         assert!(before.all()[0].col::<Option<String>>("extra").is_err());
         sqlx::query("ALTER TABLE t ADD COLUMN extra TEXT DEFAULT 'x'")
             .execute(&mut writer)
             .await
             .unwrap();
-        let after = readers.read(&s, true).await.unwrap();
+        let after = readers.read(&s).await.unwrap();
         assert_eq!(
             after.all()[0].col::<Option<String>>("extra").unwrap(),
             Some("x".to_string())

@@ -136,18 +136,11 @@ impl Script {
     /// rows of all of them, in statement order. The statements stay
     /// prepared for the next run of the same text.
     pub(crate) fn run_db(&self, held: &mut Held) -> Result<Tagged, sqlx::Error> {
-        self.run_held(held, true)
-    }
-
-    /// As [`Script::run_db`]; with `keep` false the statements are
-    /// finalized after the run (a text that will not recur, which kept
-    /// would only push the recurring ones out of the cache).
-    pub(crate) fn run_held(&self, held: &mut Held, keep: bool) -> Result<Tagged, sqlx::Error> {
         if self.sql.is_empty() {
             return Ok(Tagged(Vec::new()));
         }
         self.debug_check_placeholders();
-        Ok(Tagged(held.run(&self.sql, &self.args, keep)?))
+        Ok(Tagged(held.run(&self.sql, &self.args, true)?))
     }
 }
 
