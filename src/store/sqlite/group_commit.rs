@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
 use std::ffi::c_int;
 use std::time::Duration;
 
-use super::raw::{self, Held};
+use super::raw::{BusyWait, Held};
 use super::script::{Script, Tagged};
 use crate::store::{StoreError, StoreResult};
 
@@ -149,10 +149,6 @@ fn may_block<T>(long: bool, what: &'static str, f: impl FnOnce() -> T) -> T {
 /// A write statement slower than this is logged.
 const SLOW: Duration = Duration::from_secs(1);
 
-/// Longest pause between two tries of a BEGIN IMMEDIATE that found the
-/// database locked by another process.
-const BUSY_PAUSE_MAX: Duration = Duration::from_millis(50);
-
 /// The write connection: driven directly (`raw::Held`) for the store's
 /// scripts and the batch's own statements, given back to sqlx for the
 /// writes that use sqlx's query API ([`WriteTx`]'s `DerefMut`).
@@ -189,23 +185,15 @@ impl WriteConn {
     ) -> Result<T, sqlx::Error> {
         let limit = self.busy_timeout;
         let restore = c_int::try_from(limit.as_millis()).unwrap_or(c_int::MAX);
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut pause = Duration::from_millis(1);
+        let mut wait = BusyWait::new(limit);
         loop {
             let held = self.held().await?;
             held.set_busy_timeout(0);
             let result = f(held);
             held.set_busy_timeout(restore);
-            let now = tokio::time::Instant::now();
             match result {
-                Err(e)
-                    if raw::sqlite_code(&e) == Some(libsqlite3_sys::SQLITE_BUSY)
-                        && !held.in_transaction()
-                        && now < deadline =>
-                {
-                    tokio::time::sleep(pause.min(deadline - now)).await;
-                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
-                }
+                // Retried only while nothing was begun.
+                Err(e) if !held.in_transaction() && wait.again(&e).await => {}
                 other => return other,
             }
         }

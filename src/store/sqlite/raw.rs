@@ -210,6 +210,38 @@ pub(crate) fn sqlite_code(e: &sqlx::Error) -> Option<c_int> {
     }
 }
 
+/// Waits out a database locked by another process without SQLite's busy
+/// handler (which would hold the thread, and every future polled by the
+/// same task): after each try that met the lock, a pause (1 ms, doubling
+/// up to 50 ms) until `limit` has passed since the first.
+pub(super) struct BusyWait {
+    deadline: tokio::time::Instant,
+    pause: std::time::Duration,
+}
+
+impl BusyWait {
+    const PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(50);
+
+    pub(super) fn new(limit: std::time::Duration) -> BusyWait {
+        BusyWait {
+            deadline: tokio::time::Instant::now() + limit,
+            pause: std::time::Duration::from_millis(1),
+        }
+    }
+
+    /// Whether `e` met the lock and there is time left to try again: if
+    /// so, after the pause.
+    pub(super) async fn again(&mut self, e: &sqlx::Error) -> bool {
+        let now = tokio::time::Instant::now();
+        if sqlite_code(e) != Some(ffi::SQLITE_BUSY) || now >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.pause.min(self.deadline - now)).await;
+        self.pause = (self.pause * 2).min(Self::PAUSE_MAX);
+        true
+    }
+}
+
 /// A connection's handle (the write connection's, or a reader's), taken
 /// from sqlx's worker thread.
 pub(super) struct Held {

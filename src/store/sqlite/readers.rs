@@ -24,7 +24,7 @@ use std::time::Duration;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 
-use super::raw::{self, Held};
+use super::raw::{BusyWait, Held};
 use super::script::{Script, Tagged};
 use crate::store::StoreResult;
 
@@ -42,9 +42,6 @@ pub(super) struct Readers {
     /// How long a read keeps trying while the database is locked.
     busy_timeout: Duration,
 }
-
-/// Longest pause between two tries of a read that found the database locked.
-const BUSY_PAUSE_MAX: Duration = Duration::from_millis(50);
 
 impl Readers {
     /// Opens `n` (at least one) reader connections with `options`; a read
@@ -88,20 +85,12 @@ impl Readers {
     /// read transaction) and returns the rows of all of them; its
     /// statements stay prepared for the next read of the same text.
     pub(super) async fn read(&self, script: &Script) -> StoreResult<Tagged> {
-        let deadline = tokio::time::Instant::now() + self.busy_timeout;
-        let mut pause = Duration::from_millis(1);
+        let mut wait = BusyWait::new(self.busy_timeout);
         loop {
             // The reader is given back before any pause.
             let result = script.run_db(&mut self.reader().held);
-            let now = tokio::time::Instant::now();
             match result {
-                Err(e)
-                    if raw::sqlite_code(&e) == Some(libsqlite3_sys::SQLITE_BUSY)
-                        && now < deadline =>
-                {
-                    tokio::time::sleep(pause.min(deadline - now)).await;
-                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
-                }
+                Err(e) if wait.again(&e).await => {}
                 other => return Ok(other?),
             }
         }
