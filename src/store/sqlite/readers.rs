@@ -122,6 +122,14 @@ mod tests {
         )
     }
 
+    async fn insert(conn: &mut SqliteConnection, name: &str) {
+        sqlx::query("INSERT INTO t (name) VALUES (?)")
+            .bind(name)
+            .execute(conn)
+            .await
+            .unwrap();
+    }
+
     async fn names(readers: &Readers) -> Vec<String> {
         let mut s = Script::default();
         s.push("SELECT name FROM t WHERE id > ? ORDER BY id", [0.into()]);
@@ -134,19 +142,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (readers, mut writer) = setup(&dir, 2).await;
         assert!(names(&readers).await.is_empty());
-        sqlx::query("INSERT INTO t (name) VALUES ('one')")
-            .execute(&mut writer)
-            .await
-            .unwrap();
+        insert(&mut writer, "one").await;
         // The same kept statement, on each reader in turn: none of them
         // keeps the snapshot of its last read.
         assert_eq!(names(&readers).await, ["one"]);
         assert_eq!(names(&readers).await, ["one"]);
         let mut tx = writer.begin().await.unwrap();
-        sqlx::query("INSERT INTO t (name) VALUES ('two')")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        insert(&mut tx, "two").await;
         // Not yet committed: not seen.
         assert_eq!(names(&readers).await, ["one"]);
         tx.commit().await.unwrap();
@@ -169,10 +171,7 @@ mod tests {
             [1.into()],
         );
         assert!(readers.read(&overflow).await.is_err());
-        sqlx::query("INSERT INTO t (name) VALUES ('one')")
-            .execute(&mut writer)
-            .await
-            .unwrap();
+        insert(&mut writer, "one").await;
         assert_eq!(names(&readers).await, ["one"]);
     }
 
@@ -183,10 +182,7 @@ mod tests {
     async fn a_read_takes_a_free_reader_or_waits_for_a_busy_one() {
         let dir = tempfile::tempdir().unwrap();
         let (readers, mut writer) = setup(&dir, 2).await;
-        sqlx::query("INSERT INTO t (name) VALUES ('one')")
-            .execute(&mut writer)
-            .await
-            .unwrap();
+        insert(&mut writer, "one").await;
         // One reader busy: the read goes to the other, whichever is next.
         for busy in 0..2 {
             let _held = readers.slots[busy].lock().unwrap();
@@ -218,10 +214,7 @@ mod tests {
         let (readers, mut writer) = setup(&dir, 1).await;
         let mut s = Script::default();
         s.push("SELECT * FROM t WHERE id > ?", [0.into()]);
-        sqlx::query("INSERT INTO t (name) VALUES ('one')")
-            .execute(&mut writer)
-            .await
-            .unwrap();
+        insert(&mut writer, "one").await;
         let before = readers.read(&s).await.unwrap();
         assert!(before.all()[0].col::<Option<String>>("extra").is_err());
         sqlx::query("ALTER TABLE t ADD COLUMN extra TEXT DEFAULT 'x'")
