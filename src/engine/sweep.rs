@@ -473,9 +473,11 @@ impl Engine {
             // The batch's notices are queued in one write, in order (one
             // write per subscription made every notice wait for its own
             // commit: renewd bench, "time travel").
-            let mut notices = Vec::new();
+            let mut notices: Vec<Notice> = Vec::new();
+            let upcoming = matches!(skip, QueuedNotice::Upcoming { .. });
             for (sub, customer) in &batch {
                 let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
+                let first = notices.len();
                 for (kind, offset, ctx) in f(sub, customer) {
                     notices.push(Notice {
                         mail: self.new_mail(sub, customer, kind, period_key, offset, ctx),
@@ -484,7 +486,12 @@ impl Engine {
                             detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
                             ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
                         },
+                        completes_upcoming: false,
                     });
+                }
+                // The subscription's notices for this period are all here.
+                if let Some(last) = notices.get_mut(first..).and_then(<[Notice]>::last_mut) {
+                    last.completes_upcoming = upcoming;
                 }
             }
             let results = self.store.queue_notices(&notices, now).await;

@@ -384,6 +384,11 @@ pub struct Event {
 pub struct Notice {
     pub mail: NewMail,
     pub event: NewEvent,
+    /// The last of its subscription's upcoming-renewal notices for the
+    /// period: once it is queued (or found queued), a store may mark the
+    /// subscription so that the notice scan passes over it until its period
+    /// or its payment method changes (SQLite, migration 4).
+    pub completes_upcoming: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -597,6 +602,18 @@ impl Scan {
     /// literals, for the planner to see that the index holds every row.
     pub(crate) fn reads_reminder_index(&self) -> bool {
         self.statuses == [Status::Active] && self.not_cancelling && self.auto_renew == Some(false)
+    }
+
+    /// Whether this is the upcoming-notice scan (active card subscriptions
+    /// renewing automatically, not cancelling, leaving out those whose
+    /// notices are queued). A store that marks subscriptions as notified
+    /// (see [`Notice::completes_upcoming`]) reads only the unmarked ones.
+    pub(crate) fn reads_notice_index(&self) -> bool {
+        self.statuses == [Status::Active]
+            && self.not_cancelling
+            && self.auto_renew == Some(true)
+            && self.card_only
+            && matches!(self.skip_queued, Some(QueuedNotice::Upcoming { .. }))
     }
 }
 

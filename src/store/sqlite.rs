@@ -39,6 +39,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reminder_index",
         include_str!("../../migrations/sqlite/0003_reminder_index.sql"),
     ),
+    (
+        4,
+        "notice_marker",
+        include_str!("../../migrations/sqlite/0004_notice_marker.sql"),
+    ),
 ];
 
 mod group_commit;
@@ -171,6 +176,15 @@ impl SqliteStore {
             let mut s = Script::default();
             push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, "'mail' AS tag");
             push_event_if_inserted(&mut s, &n.event, now);
+            if n.completes_upcoming {
+                // Queued now or before: the notice scan passes over the
+                // subscription until its period or its card changes.
+                s.push(
+                    "UPDATE subscriptions SET notified_period_end = current_period_end \
+                     WHERE id = ? AND current_period_end = ?",
+                    [n.mail.subscription_id.into(), n.mail.period_key.into()],
+                );
+            }
             queued.push(tx.run(s).await?.has("mail"));
         }
         finish_write(tx, queued.contains(&true)).await?;
@@ -643,7 +657,7 @@ fn push_subscription(s: &mut Script, p: &SubscriptionPatch, now: Timestamp) {
     if let Some(pm) = &p.payment {
         sets.push(
             "payment_kind = ?, card_token = ?, card_brand = ?, card_last4 = ?, card_expiry = ?, \
-             contact_name = ?, contact_phone = ?, contact_email = ?"
+             contact_name = ?, contact_phone = ?, contact_email = ?, notified_period_end = NULL"
                 .into(),
         );
         let none = || Arg::Text(None);
@@ -728,7 +742,7 @@ async fn patch_subscription(
 /// written inline; the reminder cutoffs, which move with `now`, are bound,
 /// so the text recurs from day to day and stays prepared. Each probe is one
 /// lookup in the outbox's unique (subscription, period, kind, offset) index.
-fn skip_queued_sql(skip: &QueuedNotice) -> (String, Vec<Arg>) {
+fn skip_queued_sql(skip: &QueuedNotice, marked: bool) -> (String, Vec<Arg>) {
     let queued = |kind: MailKind, offset: &str| {
         format!(
             "EXISTS (SELECT 1 FROM outbox o WHERE o.subscription_id = s.id AND o.period_key = s.current_period_end \
@@ -758,6 +772,10 @@ fn skip_queued_sql(skip: &QueuedNotice) -> (String, Vec<Arg>) {
             );
             (sql, args)
         }
+        // The notice scan reads `subscriptions_notice` (migration 4), whose
+        // rows are the subscriptions still owed their notices: the marker
+        // stands in for the outbox probes (see `Scan::reads_notice_index`).
+        QueuedNotice::Upcoming { .. } if marked => (String::new(), Vec::new()),
         QueuedNotice::Upcoming { days } => (
             format!(
             " AND NOT ({} AND (s.card_expiry IS NULL \
@@ -988,6 +1006,12 @@ impl Store for SqliteStore {
                 "subscriptions_remind",
                 " AND s.status = 'active' AND s.auto_renew = 0 AND s.cancel_at_period_end = 0",
             )
+        } else if scan.reads_notice_index() {
+            (
+                "subscriptions_notice",
+                " AND s.status = 'active' AND s.auto_renew = 1 AND s.payment_kind = 'card' \
+                 AND s.cancel_at_period_end = 0 AND s.notified_period_end IS NOT s.current_period_end",
+            )
         } else {
             ("subscriptions_due", "")
         };
@@ -1024,7 +1048,7 @@ impl Store for SqliteStore {
             args.push(on.into());
         }
         if let Some(skip) = &scan.skip_queued {
-            let (clause, skip_args) = skip_queued_sql(skip);
+            let (clause, skip_args) = skip_queued_sql(skip, scan.reads_notice_index());
             sql.push_str(&clause);
             args.extend(skip_args);
         }

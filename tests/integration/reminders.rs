@@ -140,6 +140,69 @@ async fn auto_renew_on_subscriptions_get_one_upcoming_notice_and_a_card_expiry_w
         .is_empty());
 }
 
+/// A card changed after the upcoming notice went out still gets its
+/// warning: the notice scan passes over a subscription whose notices are
+/// queued (SQLite marks it), and a new payment method must undo that.
+#[tokio::test]
+async fn a_card_that_ends_first_set_after_the_notice_still_gets_its_warning() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.run_until("2028-03-10T00:00:00Z", days(1)).await;
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::UpcomingRenewal).await.len(),
+        1
+    );
+    assert!(app
+        .mails_of(sub.id, MailKind::CardExpiring)
+        .await
+        .is_empty());
+    // Valid through March 2028: it ends before the April 1 renewal.
+    app.engine
+        .set_payment_method(sub.id, "pm_card_mastercard", Some("2028-03"))
+        .await
+        .unwrap();
+    app.run_until("2028-03-31T00:00:00Z", days(1)).await;
+    let warnings = app.mails_of(sub.id, MailKind::CardExpiring).await;
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(
+        warnings[0].created_at,
+        t("2028-03-11T00:00:00Z"),
+        "the next day's sweep"
+    );
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::UpcomingRenewal).await.len(),
+        1,
+        "the notice is not sent again"
+    );
+}
+
+/// The notice scan reads the subscriptions still owed a notice: one whose
+/// notices are queued is not offered again, day after day, and one renewed
+/// is owed the next period's notice.
+#[tokio::test]
+async fn each_period_gets_one_upcoming_notice_over_several_years() {
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.run_until("2030-04-02T00:00:00Z", days(1)).await;
+    let notices: Vec<_> = app
+        .mails_of(sub.id, MailKind::UpcomingRenewal)
+        .await
+        .iter()
+        .map(|m| m.created_at)
+        .collect();
+    assert_eq!(
+        notices,
+        [
+            t("2028-03-02T00:00:00Z"),
+            t("2029-03-02T00:00:00Z"),
+            t("2030-03-02T00:00:00Z")
+        ]
+    );
+    assert_eq!(app.succeeded_charges().await.len(), 4);
+}
+
 #[tokio::test]
 async fn auto_renew_cannot_be_re_enabled_before_a_renewal() {
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
@@ -277,6 +340,7 @@ fn reminder_notice(
             detail: serde_json::json!({"offset_days": offset}),
             ..NewEvent::new("mail.renewal_reminder", sub)
         },
+        completes_upcoming: false,
     }
 }
 
