@@ -4,6 +4,15 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: glibc's malloc and free were
+/// about 14% of a simulated year's samples (mail bodies, invoice PDFs and
+/// rows freed on other threads than the ones that made them), and the year
+/// ran about 10% faster with mimalloc (renewd bench, "time travel").
+/// Transparent huge pages stay off (`no_thp`): with them, the peak of a
+/// sweep over 100,000 renewals went from 34 to 99 MiB.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match renewd::cli::Cli::try_parse() {
         Ok(cli) => cli,
