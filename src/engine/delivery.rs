@@ -31,7 +31,7 @@ use crate::config::MailTransportKind;
 use crate::domain::values::mask_email;
 use crate::mail::templates::{self, Templates};
 use crate::mail::{self, Attachment, MailError, MailKind, OutgoingMail};
-use crate::store::{Mail, StoreError};
+use crate::store::{Invoice, Mail, StoreError};
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct DeliveryStats {
@@ -298,54 +298,68 @@ impl Engine {
             .map_err(|e| MailError::Transient(e.to_string()))
     }
 
+    /// Renders and sends one message. What needs the store (the invoice a
+    /// message carries) is read here; the rendering, the invoice's
+    /// documents and the MIME encoding are CPU work and go to the blocking
+    /// pool with the transport's own (`MailTransport::build_and_send`).
     async fn send_one(&self, m: &Mail, now: Timestamp) -> Result<(), MailError> {
-        let rendered = render_with(&*self.templates()?, m)?;
+        let templates = self.templates()?;
         let from = mail::parse_mailbox(&self.config.raw.mail.from)
             .ok_or_else(|| MailError::Build("mail.from is not a mailbox".into()))?;
-        let attachments = self.attachments(m).await?;
-        let message = mail::build_message(
-            m.id,
-            m.kind,
-            &from,
-            &m.recipient,
-            &rendered,
-            &attachments,
-            now,
-        )?;
+        let invoice = self.invoice_to_attach(m).await?;
+        let invoice_dir = self.config.invoice_dir();
+        let (id, kind, locale, recipient) = (m.id, m.kind, m.locale.clone(), m.recipient.clone());
+        let context = context_of(m);
         self.transport
-            .send(&OutgoingMail {
-                outbox_id: m.id,
-                kind: m.kind,
-                message,
-            })
+            .build_and_send(Box::new(move || {
+                let rendered = templates
+                    .render(kind, &locale, &context)
+                    .map_err(|e| MailError::Build(e.to_string()))?;
+                let attachments = match invoice {
+                    Some(invoice) => vec![invoice_pdf(&invoice_dir, &invoice)?],
+                    None => vec![],
+                };
+                let message =
+                    mail::build_message(id, kind, &from, &recipient, &rendered, &attachments, now)?;
+                Ok(OutgoingMail {
+                    outbox_id: id,
+                    kind,
+                    message,
+                })
+            }))
             .await
     }
 
-    /// The invoice a message is about, as a PDF, for the kinds that carry
-    /// one (order confirmations, receipts and issued invoices).
-    async fn attachments(&self, m: &Mail) -> Result<Vec<Attachment>, MailError> {
+    /// The invoice a message is about, for the kinds that carry it as a PDF
+    /// (order confirmations, receipts and issued invoices).
+    async fn invoice_to_attach(&self, m: &Mail) -> Result<Option<Invoice>, MailError> {
         let carries_invoice = matches!(
             m.kind,
             MailKind::OrderConfirmation | MailKind::Receipt | MailKind::InvoiceIssued
         );
         let Some(number) = m.invoice_number.as_deref().filter(|_| carries_invoice) else {
-            return Ok(vec![]);
+            return Ok(None);
         };
-        let invoice = self
-            .store
+        self.store
             .invoice(number)
             .await
             .map_err(|e| MailError::Transient(format!("cannot load invoice {number}: {e}")))?
-            .ok_or_else(|| MailError::Build(format!("invoice {number} does not exist")))?;
-        let pdf = crate::invoice::render_for_mail(self.config.invoice_dir(), invoice)
-            .await
-            .map_err(|e| MailError::Build(format!("cannot render invoice {number}: {e}")))?;
-        Ok(vec![Attachment {
-            filename: format!("{number}.pdf"),
-            content_type: "application/pdf".into(),
-            bytes: pdf,
-        }])
+            .ok_or_else(|| MailError::Build(format!("invoice {number} does not exist")))
+            .map(Some)
     }
+}
+
+/// The invoice's PDF as an attachment (its documents are kept under `dir`
+/// as they are sent; see `invoice::render_for_mail`).
+fn invoice_pdf(dir: &std::path::Path, invoice: &Invoice) -> Result<Attachment, MailError> {
+    let number = &invoice.number;
+    let pdf = crate::invoice::render_for_mail(dir, invoice)
+        .map_err(|e| MailError::Build(format!("cannot render invoice {number}: {e}")))?;
+    Ok(Attachment {
+        filename: format!("{number}.pdf"),
+        content_type: "application/pdf".into(),
+        bytes: pdf,
+    })
 }
 
 enum Recorded {
@@ -369,11 +383,6 @@ fn lease_lost(m: &Mail, message: &'static str) {
 /// `templates::install`); used to show subjects in `renewd mail list`.
 pub fn render(m: &Mail) -> Result<templates::Rendered, MailError> {
     templates::render(m.kind, &m.locale, &context_of(m))
-        .map_err(|e| MailError::Build(e.to_string()))
-}
-
-fn render_with(t: &Templates, m: &Mail) -> Result<templates::Rendered, MailError> {
-    t.render(m.kind, &m.locale, &context_of(m))
         .map_err(|e| MailError::Build(e.to_string()))
 }
 

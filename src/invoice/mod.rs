@@ -281,22 +281,18 @@ fn keep(dir: &Path, number: &str, html: &str, pdf: &[u8]) -> Result<(), Document
     write_atomically(&document_path(dir, number, "pdf"), pdf)
 }
 
-/// The PDF of an invoice being mailed, rendered on the blocking pool; a
-/// copy of both documents, as sent, is kept under `dir`. Failing to keep
-/// the copy is logged and does not stop the mail: the invoice is in the
-/// database and `renewd invoice download` renders it again.
-pub async fn render_for_mail(dir: PathBuf, inv: Invoice) -> Result<Vec<u8>, DocumentError> {
-    let number = inv.number.clone();
-    tokio::task::spawn_blocking(move || {
-        let pdf = render_pdf(&inv)?;
-        let kept = render_html(&inv).and_then(|html| keep(&dir, &inv.number, &html, &pdf));
-        if let Err(e) = kept {
-            tracing::error!(invoice_number = %inv.number, error = %e, "cannot write invoice document");
-        }
-        Ok(pdf)
-    })
-    .await
-    .map_err(|e| DocumentError::Render(number, e.to_string()))?
+/// The PDF of an invoice being mailed; a copy of both documents, as sent,
+/// is kept under `dir`. Failing to keep the copy is logged and does not
+/// stop the mail: the invoice is in the database and `renewd invoice
+/// download` renders it again. Blocking: the mail's builder calls it on
+/// the blocking pool.
+pub fn render_for_mail(dir: &Path, inv: &Invoice) -> Result<Vec<u8>, DocumentError> {
+    let pdf = render_pdf(inv)?;
+    let kept = render_html(inv).and_then(|html| keep(dir, &inv.number, &html, &pdf));
+    if let Err(e) = kept {
+        tracing::error!(invoice_number = %inv.number, error = %e, "cannot write invoice document");
+    }
+    Ok(pdf)
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a

@@ -99,9 +99,23 @@ pub struct OutgoingMail {
     pub message: Message,
 }
 
+/// Builds one message: renders its templates and documents and encodes it.
+/// This is CPU work, so it runs on the blocking pool rather than on the
+/// thread polling the sweep (renewd bench, "time travel").
+pub type BuildMail = Box<dyn FnOnce() -> Result<OutgoingMail, MailError> + Send>;
+
 #[async_trait]
 pub trait MailTransport: Send + Sync {
     async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError>;
+
+    /// Builds the message on the blocking pool, then sends it. A transport
+    /// that itself works on the blocking pool (files) does both in one trip.
+    async fn build_and_send(&self, build: BuildMail) -> Result<(), MailError> {
+        let mail = tokio::task::spawn_blocking(build)
+            .await
+            .map_err(|e| MailError::Transient(format!("the mail builder stopped: {e}")))??;
+        self.send(&mail).await
+    }
 }
 
 /// Parses `Name <address>` or a bare address into a mailbox.
