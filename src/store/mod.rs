@@ -630,8 +630,8 @@ pub enum QueuedNotice {
     },
     /// The upcoming-renewal notice at `days` before the period end, with the
     /// card-expiring warning when the card ends before the period: left out
-    /// once the notice is queued and the warning is queued or clearly not
-    /// needed (the card runs past the month after the period end).
+    /// once both are marked queued for the current period (see
+    /// [`Store::mark_notified`]; migration 4).
     Upcoming { days: u32 },
 }
 
@@ -760,6 +760,14 @@ pub trait Store: Send + Sync {
         queue_each(self, notices, now).await
     }
 
+    /// Records that a subscription's upcoming-renewal notices for the period
+    /// ending at `period_key` (unix seconds) are all queued, so that the
+    /// notice scan passes over it until its period or payment method changes
+    /// (see [`Notice::completes_upcoming`]). Nothing when the period has
+    /// changed meanwhile. Only an optimisation: an unmarked subscription is
+    /// offered again, and its notices, already queued, write nothing.
+    async fn mark_notified(&self, subscription_id: i64, period_key: i64) -> StoreResult<()>;
+
     async fn claim_mail(&self, now: Timestamp, claim: &Claim, limit: u32)
         -> StoreResult<Vec<Mail>>;
     /// Records, in one write, that the transport accepted these messages;
@@ -882,6 +890,15 @@ fn queue_group<'a, S: Store + ?Sized>(
                 ..Default::default()
             };
             out.push(store.apply(change, now).await.map(|a| a.applied));
+        }
+        if let Some(last) = group.last().filter(|n| n.completes_upcoming) {
+            if out.iter().all(Result::is_ok) {
+                let (id, period) = (last.mail.subscription_id, last.mail.period_key);
+                if let Err(e) = store.mark_notified(id, period).await {
+                    // Harmless: the next sweep offers the notices again.
+                    tracing::warn!(subscription_id = id, error = %e, "cannot mark the notices as queued");
+                }
+            }
         }
         out
     })

@@ -51,6 +51,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reminder_index",
         include_str!("../../migrations/postgres/0003_reminder_index.sql"),
     ),
+    (
+        4,
+        "notice_marker",
+        include_str!("../../migrations/postgres/0004_notice_marker.sql"),
+    ),
 ];
 
 /// The advisory lock that serializes `migrate()` of instances starting
@@ -730,6 +735,9 @@ async fn patch_subscription(
         q.push(", contact_name = ").push_bind(name);
         q.push(", contact_phone = ").push_bind(phone);
         q.push(", contact_email = ").push_bind(email);
+        // A new card may end before the renewal date: the notice scan must
+        // look at the subscription again (migration 4).
+        q.push(", notified_period_end = NULL");
     }
     if let Some(id) = p.terms_acceptance_id {
         q.push(", terms_acceptance_id = ").push_bind(id);
@@ -1072,13 +1080,26 @@ impl Store for PgStore {
             if scan.reads_reminder_index() {
                 q.push(" AND s.status = 'active' AND NOT s.auto_renew");
             }
+            // The notice scan's partial index (migration 4), likewise; its
+            // marker stands in for the outbox probes.
+            if scan.reads_notice_index() {
+                q.push(
+                    " AND s.status = 'active' AND s.auto_renew AND s.payment_kind = 'card' \
+                     AND NOT s.cancel_at_period_end \
+                     AND s.notified_period_end IS DISTINCT FROM s.current_period_end",
+                );
+            }
             if scan.without_open_renewal {
                 q.push(format!(
                     " AND NOT EXISTS (SELECT 1 FROM renewals r WHERE r.subscription_id = s.id \
                      AND r.status IN {OPEN_RENEWAL})"
                 ));
             }
-            if let Some(skip) = &scan.skip_queued {
+            if let Some(skip) = scan
+                .skip_queued
+                .as_ref()
+                .filter(|_| !scan.reads_notice_index())
+            {
                 q.push(skip_queued_sql(skip));
             }
             q.push(" ORDER BY s.id LIMIT ")
@@ -1780,6 +1801,20 @@ impl Store for PgStore {
             } else {
                 Finish::Commit(ids)
             })
+        })
+    }
+
+    async fn mark_notified(&self, subscription_id: i64, period_key: i64) -> StoreResult<()> {
+        transaction!(self, "mark_notified", idempotent, |tx| async {
+            sqlx::query(
+                "UPDATE subscriptions SET notified_period_end = current_period_end \
+                 WHERE id = $1 AND extract(epoch FROM current_period_end)::bigint = $2",
+            )
+            .bind(subscription_id)
+            .bind(period_key)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Finish::Commit(()))
         })
     }
 

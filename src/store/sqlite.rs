@@ -166,6 +166,7 @@ impl SqliteStore {
         }
         let mut tx = self.script_tx().await?;
         let mut queued = Vec::with_capacity(notices.len());
+        let mut marked = false;
         for (i, n) in notices.iter().enumerate() {
             // The scripts run on this thread without waiting for anything:
             // let the runtime's other tasks in now and then (the writer's
@@ -179,15 +180,13 @@ impl SqliteStore {
             if n.completes_upcoming {
                 // Queued now or before: the notice scan passes over the
                 // subscription until its period or its card changes.
-                s.push(
-                    "UPDATE subscriptions SET notified_period_end = current_period_end \
-                     WHERE id = ? AND current_period_end = ?",
-                    [n.mail.subscription_id.into(), n.mail.period_key.into()],
-                );
+                push_mark_notified(&mut s, n.mail.subscription_id, n.mail.period_key);
             }
-            queued.push(tx.run(s).await?.has("mail"));
+            let out = tx.run(s).await?;
+            marked |= out.has("marked");
+            queued.push(out.has("mail"));
         }
-        finish_write(tx, queued.contains(&true)).await?;
+        finish_write(tx, marked || queued.contains(&true)).await?;
         Ok(queued)
     }
 
@@ -619,6 +618,17 @@ fn push_invoice(s: &mut Script, inv: &NewInvoice) {
              ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ),
         args,
+    );
+}
+
+/// Marks a subscription's upcoming notices for the period ending at
+/// `period_key` as queued (see `Store::mark_notified`); tagged `marked`
+/// when it matched.
+fn push_mark_notified(s: &mut Script, subscription_id: i64, period_key: i64) {
+    s.push(
+        "UPDATE subscriptions SET notified_period_end = current_period_end \
+         WHERE id = ? AND current_period_end = ? RETURNING 'marked' AS tag",
+        [subscription_id.into(), period_key.into()],
     );
 }
 
@@ -1676,6 +1686,15 @@ impl Store for SqliteStore {
                 queue_each(self, notices, now).await
             }
         }
+    }
+
+    async fn mark_notified(&self, subscription_id: i64, period_key: i64) -> StoreResult<()> {
+        let mut s = Script::default();
+        push_mark_notified(&mut s, subscription_id, period_key);
+        let mut tx = self.script_tx().await?;
+        let out = tx.run(s).await?;
+        let marked = out.has("marked");
+        finish_write(tx, marked).await
     }
 
     async fn claim_mail(

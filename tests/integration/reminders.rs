@@ -177,6 +177,58 @@ async fn a_card_that_ends_first_set_after_the_notice_still_gets_its_warning() {
     );
 }
 
+/// The notice scan passes over a subscription once its notices are queued,
+/// also when they were queued before (a database from before the marker, or
+/// a card changed to one that still runs past the renewal): offered again,
+/// its notice writes nothing, and it is marked all the same.
+#[tokio::test]
+async fn a_subscription_whose_notice_was_already_queued_is_marked_when_offered_again() {
+    use renewd::domain::Status;
+    use renewd::store::{QueuedNotice, Scan};
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    let owed = |now: &str| {
+        let now = t(now);
+        Scan {
+            statuses: vec![Status::Active],
+            auto_renew: Some(true),
+            card_only: true,
+            ends_after: Some(now),
+            ends_at_or_before: t("2028-04-30T00:00:00Z"),
+            without_open_renewal: false,
+            not_cancelling: true,
+            after_id: 0,
+            limit: 100,
+            skip_queued: Some(QueuedNotice::Upcoming { days: 30 }),
+        }
+    };
+    let ids = |rows: Vec<(renewd::store::Subscription, renewd::store::Customer)>| -> Vec<i64> {
+        rows.iter().map(|(s, _)| s.id).collect()
+    };
+    app.run_until("2028-03-05T00:00:00Z", days(1)).await;
+    let store = &app.engine.store;
+    assert!(ids(store.scan(&owed("2028-03-05T00:00:00Z")).await.unwrap()).is_empty());
+    app.engine
+        .set_payment_method(sub.id, "pm_card_mastercard", Some("2031-01"))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.scan(&owed("2028-03-05T00:00:00Z")).await.unwrap()),
+        [sub.id],
+        "a new card: looked at again"
+    );
+    app.run_until("2028-03-06T00:00:00Z", days(1)).await;
+    assert!(
+        ids(store.scan(&owed("2028-03-06T00:00:00Z")).await.unwrap()).is_empty(),
+        "marked again, though nothing new was queued"
+    );
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::UpcomingRenewal).await.len(),
+        1
+    );
+}
+
 /// The notice scan reads the subscriptions still owed a notice: one whose
 /// notices are queued is not offered again, day after day, and one renewed
 /// is owed the next period's notice.
