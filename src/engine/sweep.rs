@@ -22,8 +22,8 @@ use crate::domain::values::CardExpiry;
 use crate::domain::Status;
 use crate::mail::MailKind;
 use crate::store::{
-    Change, Customer, Lease, NewEvent, NewMail, Notice, PaymentMethod, QueuedNotice, Scan,
-    Subscription, SubscriptionPatch,
+    Change, Customer, Lease, NewEvent, NewMail, Notice, NoticesDecided, PaymentMethod,
+    QueuedNotice, Scan, Subscription, SubscriptionPatch,
 };
 
 /// What one sweep did.
@@ -486,12 +486,18 @@ impl Engine {
                             detail: json!({"mail_kind": kind.as_str(), "offset_days": offset}),
                             ..NewEvent::new(&format!("mail.{}", kind.as_str()), sub)
                         },
-                        completes_upcoming: false,
+                        completes_upcoming: None,
                     });
                 }
-                // The subscription's notices for this period are all here.
+                // The subscription's notices for this period are all here,
+                // decided on the card expiry just read.
                 if let Some(last) = notices.get_mut(first..).and_then(<[Notice]>::last_mut) {
-                    last.completes_upcoming = upcoming;
+                    last.completes_upcoming = upcoming.then(|| NoticesDecided {
+                        card_expiry: match &sub.payment {
+                            PaymentMethod::Card { expiry, .. } => expiry.clone(),
+                            PaymentMethod::BankTransfer { .. } => None,
+                        },
+                    });
                 }
             }
             let results = self.store.queue_notices(&notices, now).await;

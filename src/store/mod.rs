@@ -384,11 +384,21 @@ pub struct Event {
 pub struct Notice {
     pub mail: NewMail,
     pub event: NewEvent,
-    /// The last of its subscription's upcoming-renewal notices for the
-    /// period: once it is queued (or found queued), a store may mark the
-    /// subscription so that the notice scan passes over it until its period
-    /// or its payment method changes (SQLite, migration 4).
-    pub completes_upcoming: bool,
+    /// Set on the last of its subscription's upcoming-renewal notices for
+    /// the period: once they are queued (or found queued), the store marks
+    /// the subscription so that the notice scan passes over it until its
+    /// period or its payment method changes (see [`Store::mark_notified`]).
+    pub completes_upcoming: Option<NoticesDecided>,
+}
+
+/// What a subscription's upcoming notices were decided on, besides the
+/// period (the mail's `period_key`): the card expiry the scan read, which
+/// decides the card-expiring warning. The mark is written only while the
+/// subscription still has it: a card changed between the scan and the write
+/// (by another process) leaves it unmarked, to be looked at again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NoticesDecided {
+    pub card_expiry: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -607,7 +617,7 @@ impl Scan {
     /// Whether this is the upcoming-notice scan (active card subscriptions
     /// renewing automatically, not cancelling, leaving out those whose
     /// notices are queued). A store that marks subscriptions as notified
-    /// (see [`Notice::completes_upcoming`]) reads only the unmarked ones.
+    /// (see [`Store::mark_notified`]) reads only the unmarked ones.
     pub(crate) fn reads_notice_index(&self) -> bool {
         self.statuses == [Status::Active]
             && self.not_cancelling
@@ -763,10 +773,16 @@ pub trait Store: Send + Sync {
     /// Records that a subscription's upcoming-renewal notices for the period
     /// ending at `period_key` (unix seconds) are all queued, so that the
     /// notice scan passes over it until its period or payment method changes
-    /// (see [`Notice::completes_upcoming`]). Nothing when the period has
-    /// changed meanwhile. Only an optimisation: an unmarked subscription is
-    /// offered again, and its notices, already queued, write nothing.
-    async fn mark_notified(&self, subscription_id: i64, period_key: i64) -> StoreResult<()>;
+    /// (see [`Notice::completes_upcoming`]). Nothing when the period or the
+    /// card expiry is no longer the one the notices were decided on. Only an
+    /// optimisation: an unmarked subscription is offered again, and its
+    /// notices, already queued, write nothing.
+    async fn mark_notified(
+        &self,
+        subscription_id: i64,
+        period_key: i64,
+        decided: &NoticesDecided,
+    ) -> StoreResult<()>;
 
     async fn claim_mail(&self, now: Timestamp, claim: &Claim, limit: u32)
         -> StoreResult<Vec<Mail>>;
@@ -891,10 +907,12 @@ fn queue_group<'a, S: Store + ?Sized>(
             };
             out.push(store.apply(change, now).await.map(|a| a.applied));
         }
-        if let Some(last) = group.last().filter(|n| n.completes_upcoming) {
+        let last = group.last();
+        if let Some((last, decided)) = last.and_then(|n| Some((n, n.completes_upcoming.as_ref()?)))
+        {
             if out.iter().all(Result::is_ok) {
                 let (id, period) = (last.mail.subscription_id, last.mail.period_key);
-                if let Err(e) = store.mark_notified(id, period).await {
+                if let Err(e) = store.mark_notified(id, period, decided).await {
                     // Harmless: the next sweep offers the notices again.
                     tracing::warn!(subscription_id = id, error = %e, "cannot mark the notices as queued");
                 }

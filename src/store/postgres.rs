@@ -1804,14 +1804,21 @@ impl Store for PgStore {
         })
     }
 
-    async fn mark_notified(&self, subscription_id: i64, period_key: i64) -> StoreResult<()> {
+    async fn mark_notified(
+        &self,
+        subscription_id: i64,
+        period_key: i64,
+        decided: &NoticesDecided,
+    ) -> StoreResult<()> {
         transaction!(self, "mark_notified", idempotent, |tx| async {
             sqlx::query(
                 "UPDATE subscriptions SET notified_period_end = current_period_end \
-                 WHERE id = $1 AND extract(epoch FROM current_period_end)::bigint = $2",
+                 WHERE id = $1 AND extract(epoch FROM current_period_end)::bigint = $2 \
+                 AND card_expiry IS NOT DISTINCT FROM $3",
             )
             .bind(subscription_id)
             .bind(period_key)
+            .bind(decided.card_expiry.as_deref())
             .execute(&mut *tx)
             .await?;
             Ok(Finish::Commit(()))

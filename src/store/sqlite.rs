@@ -177,10 +177,10 @@ impl SqliteStore {
             let mut s = Script::default();
             push_mail_returning(&mut s, &n.mail, &InvoiceRef::None, now, "'mail' AS tag");
             push_event_if_inserted(&mut s, &n.event, now);
-            if n.completes_upcoming {
+            if let Some(decided) = &n.completes_upcoming {
                 // Queued now or before: the notice scan passes over the
                 // subscription until its period or its card changes.
-                push_mark_notified(&mut s, n.mail.subscription_id, n.mail.period_key);
+                push_mark_notified(&mut s, n.mail.subscription_id, n.mail.period_key, decided);
             }
             let out = tx.run(s).await?;
             marked |= out.has("marked");
@@ -624,11 +624,20 @@ fn push_invoice(s: &mut Script, inv: &NewInvoice) {
 /// Marks a subscription's upcoming notices for the period ending at
 /// `period_key` as queued (see `Store::mark_notified`); tagged `marked`
 /// when it matched.
-fn push_mark_notified(s: &mut Script, subscription_id: i64, period_key: i64) {
+fn push_mark_notified(
+    s: &mut Script,
+    subscription_id: i64,
+    period_key: i64,
+    decided: &NoticesDecided,
+) {
     s.push(
         "UPDATE subscriptions SET notified_period_end = current_period_end \
-         WHERE id = ? AND current_period_end = ? RETURNING 'marked' AS tag",
-        [subscription_id.into(), period_key.into()],
+         WHERE id = ? AND current_period_end = ? AND card_expiry IS ? RETURNING 'marked' AS tag",
+        [
+            subscription_id.into(),
+            period_key.into(),
+            decided.card_expiry.as_deref().into(),
+        ],
     );
 }
 
@@ -1688,9 +1697,14 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn mark_notified(&self, subscription_id: i64, period_key: i64) -> StoreResult<()> {
+    async fn mark_notified(
+        &self,
+        subscription_id: i64,
+        period_key: i64,
+        decided: &NoticesDecided,
+    ) -> StoreResult<()> {
         let mut s = Script::default();
-        push_mark_notified(&mut s, subscription_id, period_key);
+        push_mark_notified(&mut s, subscription_id, period_key, decided);
         let mut tx = self.script_tx().await?;
         let out = tx.run(s).await?;
         let marked = out.has("marked");

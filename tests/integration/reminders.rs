@@ -229,6 +229,77 @@ async fn a_subscription_whose_notice_was_already_queued_is_marked_when_offered_a
     );
 }
 
+/// The notice scan reads on a reader and queues in a later write: a card
+/// changed in between (by the CLI, another process) must leave the
+/// subscription unmarked, or the new card's warning would never be sent.
+/// (Found by review: the mark was guarded by the period alone.)
+#[tokio::test]
+async fn a_card_changed_between_the_scan_and_its_write_is_looked_at_again() {
+    use renewd::domain::Status;
+    use renewd::store::{NewEvent, NewMail, Notice, NoticesDecided, QueuedNotice, Scan};
+    let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
+    let c = app.customer("UTC", "en", "US", "USD").await;
+    let sub = app.purchase(c, "pm_card_visa").await;
+    app.set("2028-03-02T00:00:00Z");
+    let now = app.now();
+    let store = &app.engine.store;
+    let batch = store
+        .scan(&Scan {
+            statuses: vec![Status::Active],
+            auto_renew: Some(true),
+            card_only: true,
+            ends_after: Some(now),
+            ends_at_or_before: t("2028-04-02T00:00:00Z"),
+            without_open_renewal: false,
+            not_cancelling: true,
+            after_id: 0,
+            limit: 500,
+            skip_queued: Some(QueuedNotice::Upcoming { days: 30 }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 1);
+    let (stale, _) = &batch[0];
+    let seen = match &stale.payment {
+        renewd::store::PaymentMethod::Card { expiry, .. } => expiry.clone(),
+        other => panic!("{other:?}"),
+    };
+    // Another process stores a card that ends before the renewal.
+    app.engine
+        .set_payment_method(sub.id, "pm_card_mastercard", Some("2028-03"))
+        .await
+        .unwrap();
+    // The sweep queues what it decided from its read: the notice only.
+    let notice = Notice {
+        mail: NewMail {
+            subscription_id: sub.id,
+            customer_id: sub.customer_id,
+            kind: MailKind::UpcomingRenewal,
+            period_key: stale.current_period_end.unwrap().as_second(),
+            offset_key: 30,
+            recipient: "someone@example.com".into(),
+            locale: "en".into(),
+            context: serde_json::json!({}),
+        },
+        event: NewEvent {
+            outcome: Some("queued".into()),
+            detail: serde_json::json!({}),
+            ..NewEvent::new("mail.upcoming_renewal", stale)
+        },
+        completes_upcoming: Some(NoticesDecided { card_expiry: seen }),
+    };
+    assert!(matches!(
+        store.queue_notices(&[notice], now).await[0],
+        Ok(true)
+    ));
+    app.run_until("2028-03-31T00:00:00Z", days(1)).await;
+    assert_eq!(
+        app.mails_of(sub.id, MailKind::CardExpiring).await.len(),
+        1,
+        "the new card's warning"
+    );
+}
+
 /// The notice scan reads the subscriptions still owed a notice: one whose
 /// notices are queued is not offered again, day after day, and one renewed
 /// is owed the next period's notice.
@@ -392,7 +463,7 @@ fn reminder_notice(
             detail: serde_json::json!({"offset_days": offset}),
             ..NewEvent::new("mail.renewal_reminder", sub)
         },
-        completes_upcoming: false,
+        completes_upcoming: None,
     }
 }
 
