@@ -67,6 +67,6 @@ impl MailTransport for FileTransport {
             transport.write(mail.outbox_id, mail.kind, &mail.message.formatted())
         })
         .await
-        .map_err(|e| MailError::Transient(format!("the mail file writer stopped: {e}")))?
+        .map_err(super::builder_stopped)?
     }
 }

@@ -113,8 +113,19 @@ pub trait MailTransport: Send + Sync {
     async fn build_and_send(&self, build: BuildMail) -> Result<(), MailError> {
         let mail = tokio::task::spawn_blocking(build)
             .await
-            .map_err(|e| MailError::Transient(format!("the mail builder stopped: {e}")))??;
+            .map_err(builder_stopped)??;
         self.send(&mail).await
+    }
+}
+
+/// A build that panicked fails its message, as a rendering error does
+/// (retrying renders the same row the same way); one cancelled by the
+/// runtime's shutdown is retried.
+pub fn builder_stopped(e: tokio::task::JoinError) -> MailError {
+    if e.is_panic() {
+        MailError::Build(format!("building the message panicked: {e}"))
+    } else {
+        MailError::Transient(format!("the mail builder stopped: {e}"))
     }
 }
 
