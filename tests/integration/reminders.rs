@@ -183,26 +183,10 @@ async fn a_card_that_ends_first_set_after_the_notice_still_gets_its_warning() {
 /// its notice writes nothing, and it is marked all the same.
 #[tokio::test]
 async fn a_subscription_whose_notice_was_already_queued_is_marked_when_offered_again() {
-    use renewd::domain::Status;
-    use renewd::store::{QueuedNotice, Scan};
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let c = app.customer("UTC", "en", "US", "USD").await;
     let sub = app.purchase(c, "pm_card_visa").await;
-    let owed = |now: &str| {
-        let now = t(now);
-        Scan {
-            statuses: vec![Status::Active],
-            auto_renew: Some(true),
-            card_only: true,
-            ends_after: Some(now),
-            ends_at_or_before: t("2028-04-30T00:00:00Z"),
-            without_open_renewal: false,
-            not_cancelling: true,
-            after_id: 0,
-            limit: 100,
-            skip_queued: Some(QueuedNotice::Upcoming { days: 30 }),
-        }
-    };
+    let owed = |now: &str| notice_scan(t(now));
     let ids = |rows: Vec<(renewd::store::Subscription, renewd::store::Customer)>| -> Vec<i64> {
         rows.iter().map(|(s, _)| s.id).collect()
     };
@@ -235,29 +219,14 @@ async fn a_subscription_whose_notice_was_already_queued_is_marked_when_offered_a
 /// (Found by review: the mark was guarded by the period alone.)
 #[tokio::test]
 async fn a_card_changed_between_the_scan_and_its_write_is_looked_at_again() {
-    use renewd::domain::Status;
-    use renewd::store::{NewEvent, NewMail, Notice, NoticesDecided, QueuedNotice, Scan};
+    use renewd::store::{NewEvent, NewMail, Notice, NoticesDecided};
     let app = TestApp::spawn("2027-04-01T00:00:00Z").await;
     let c = app.customer("UTC", "en", "US", "USD").await;
     let sub = app.purchase(c, "pm_card_visa").await;
     app.set("2028-03-02T00:00:00Z");
     let now = app.now();
     let store = &app.engine.store;
-    let batch = store
-        .scan(&Scan {
-            statuses: vec![Status::Active],
-            auto_renew: Some(true),
-            card_only: true,
-            ends_after: Some(now),
-            ends_at_or_before: t("2028-04-02T00:00:00Z"),
-            without_open_renewal: false,
-            not_cancelling: true,
-            after_id: 0,
-            limit: 500,
-            skip_queued: Some(QueuedNotice::Upcoming { days: 30 }),
-        })
-        .await
-        .unwrap();
+    let batch = store.scan(&notice_scan(now)).await.unwrap();
     assert_eq!(batch.len(), 1);
     let (stale, _) = &batch[0];
     let seen = match &stale.payment {
@@ -464,6 +433,23 @@ fn reminder_notice(
             ..NewEvent::new("mail.renewal_reminder", sub)
         },
         completes_upcoming: None,
+    }
+}
+
+/// The sweep's upcoming-notice scan at `now` (30 days' notice), as far as
+/// the test subscriptions' first renewal.
+fn notice_scan(now: jiff::Timestamp) -> renewd::store::Scan {
+    renewd::store::Scan {
+        statuses: vec![renewd::domain::Status::Active],
+        auto_renew: Some(true),
+        card_only: true,
+        ends_after: Some(now),
+        ends_at_or_before: t("2028-04-30T00:00:00Z"),
+        without_open_renewal: false,
+        not_cancelling: true,
+        after_id: 0,
+        limit: 100,
+        skip_queued: Some(renewd::store::QueuedNotice::Upcoming { days: 30 }),
     }
 }
 
