@@ -448,6 +448,7 @@ impl Engine {
             .saturating_add(SignedDuration::from_hours(24 * (i64::from(days) + 1)))
             .unwrap_or(now);
         let (mut queued, mut errors, mut after) = (0, 0, 0);
+        let upcoming = skip == QueuedNotice::Upcoming;
         loop {
             let batch = self
                 .store
@@ -474,7 +475,6 @@ impl Engine {
             // write per subscription made every notice wait for its own
             // commit: renewd bench, "time travel").
             let mut notices: Vec<Notice> = Vec::new();
-            let upcoming = matches!(skip, QueuedNotice::Upcoming { .. });
             for (sub, customer) in &batch {
                 let period_key = sub.current_period_end.map(|t| t.as_second()).unwrap_or(0);
                 let first = notices.len();
@@ -568,7 +568,7 @@ impl Engine {
     /// stored card ends before the renewal date.
     async fn notices(&self, now: Timestamp, s: &mut SweepSummary) -> EngineResult<()> {
         let days = self.config.raw.renewal.upcoming_notice_days;
-        let skip = QueuedNotice::Upcoming { days };
+        let skip = QueuedNotice::Upcoming;
         let (queued, errors) = self
             .scan_ending_within(now, days, true, skip, |sub, customer| {
                 let Some(end) = sub.current_period_end else {

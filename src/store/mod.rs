@@ -623,7 +623,7 @@ impl Scan {
             && self.not_cancelling
             && self.auto_renew == Some(true)
             && self.card_only
-            && matches!(self.skip_queued, Some(QueuedNotice::Upcoming { .. }))
+            && self.skip_queued == Some(QueuedNotice::Upcoming)
     }
 }
 
@@ -638,11 +638,10 @@ pub enum QueuedNotice {
         offsets_days: Vec<u32>,
         now: Timestamp,
     },
-    /// The upcoming-renewal notice at `days` before the period end, with the
-    /// card-expiring warning when the card ends before the period: left out
-    /// once both are marked queued for the current period (see
-    /// [`Store::mark_notified`]; migration 4).
-    Upcoming { days: u32 },
+    /// The upcoming-renewal notice, with the card-expiring warning when the
+    /// card ends before the period: left out once both are marked queued for
+    /// the current period (see [`Store::mark_notified`]; migration 4).
+    Upcoming,
 }
 
 impl QueuedNotice {
@@ -907,10 +906,9 @@ fn queue_group<'a, S: Store + ?Sized>(
             };
             out.push(store.apply(change, now).await.map(|a| a.applied));
         }
-        let last = group.last();
-        if let Some((last, decided)) = last.and_then(|n| Some((n, n.completes_upcoming.as_ref()?)))
-        {
-            if out.iter().all(Result::is_ok) {
+        if let Some(last) = group.last() {
+            if let (Some(decided), true) = (&last.completes_upcoming, out.iter().all(Result::is_ok))
+            {
                 let (id, period) = (last.mail.subscription_id, last.mail.period_key);
                 if let Err(e) = store.mark_notified(id, period, decided).await {
                     // Harmless: the next sweep offers the notices again.

@@ -803,9 +803,9 @@ fn skip_queued_sql(skip: &QueuedNotice) -> String {
             let arms: Vec<String> = QueuedNotice::reminder_cutoffs(offsets_days, *now)
                 .into_iter()
                 .map(|(d, cutoff)| match cutoff {
-                    Some(c) => format!(
-                        "(o.offset_key = {d} AND s.current_period_end > to_timestamp({c}))"
-                    ),
+                    Some(c) => {
+                        format!("(o.offset_key = {d} AND s.current_period_end > to_timestamp({c}))")
+                    }
                     None => format!("o.offset_key = {d}"),
                 })
                 .collect();
@@ -814,17 +814,17 @@ fn skip_queued_sql(skip: &QueuedNotice) -> String {
             }
             format!(
                 " AND NOT {}",
-                queued(MailKind::RenewalReminder, &format!("({})", arms.join(" OR ")))
+                queued(
+                    MailKind::RenewalReminder,
+                    &format!("({})", arms.join(" OR "))
+                )
             )
         }
-        QueuedNotice::Upcoming { days } => format!(
-            " AND NOT ({} AND (s.card_expiry IS NULL \
-               OR (length(s.card_expiry) = 7 AND s.card_expiry >= \
-                   to_char((s.current_period_end AT TIME ZONE 'UTC') + interval '1 day', 'YYYY-MM')) \
-               OR {}))",
-            queued(MailKind::UpcomingRenewal, &format!("o.offset_key = {days}")),
-            queued(MailKind::CardExpiring, "o.offset_key = 0")
-        ),
+        // The marker (migration 4): also the condition of the partial index
+        // `subscriptions_notice`, which the notice scan reads.
+        QueuedNotice::Upcoming => {
+            " AND s.notified_period_end IS DISTINCT FROM s.current_period_end".into()
+        }
     }
 }
 
@@ -1080,13 +1080,12 @@ impl Store for PgStore {
             if scan.reads_reminder_index() {
                 q.push(" AND s.status = 'active' AND NOT s.auto_renew");
             }
-            // The notice scan's partial index (migration 4), likewise; its
-            // marker stands in for the outbox probes.
+            // The notice scan's partial index (migration 4), likewise (the
+            // marker's condition comes with `skip_queued`).
             if scan.reads_notice_index() {
                 q.push(
                     " AND s.status = 'active' AND s.auto_renew AND s.payment_kind = 'card' \
-                     AND NOT s.cancel_at_period_end \
-                     AND s.notified_period_end IS DISTINCT FROM s.current_period_end",
+                     AND NOT s.cancel_at_period_end",
                 );
             }
             if scan.without_open_renewal {
@@ -1095,11 +1094,7 @@ impl Store for PgStore {
                      AND r.status IN {OPEN_RENEWAL})"
                 ));
             }
-            if let Some(skip) = scan
-                .skip_queued
-                .as_ref()
-                .filter(|_| !scan.reads_notice_index())
-            {
+            if let Some(skip) = &scan.skip_queued {
                 q.push(skip_queued_sql(skip));
             }
             q.push(" ORDER BY s.id LIMIT ")

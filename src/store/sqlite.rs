@@ -759,9 +759,10 @@ async fn patch_subscription(
 /// The `AND NOT ...` clause of [`Scan::skip_queued`] and the values of its
 /// `?`s. The offsets and mail kind names, which come from the config, are
 /// written inline; the reminder cutoffs, which move with `now`, are bound,
-/// so the text recurs from day to day and stays prepared. Each probe is one
-/// lookup in the outbox's unique (subscription, period, kind, offset) index.
-fn skip_queued_sql(skip: &QueuedNotice, marked: bool) -> (String, Vec<Arg>) {
+/// so the text recurs from day to day and stays prepared. Each reminder
+/// probe is one lookup in the outbox's unique (subscription, period, kind,
+/// offset) index; upcoming notices are marked on the subscription.
+fn skip_queued_sql(skip: &QueuedNotice) -> (String, Vec<Arg>) {
     let queued = |kind: MailKind, offset: &str| {
         format!(
             "EXISTS (SELECT 1 FROM outbox o WHERE o.subscription_id = s.id AND o.period_key = s.current_period_end \
@@ -787,22 +788,17 @@ fn skip_queued_sql(skip: &QueuedNotice, marked: bool) -> (String, Vec<Arg>) {
             }
             let sql = format!(
                 " AND NOT {}",
-                queued(MailKind::RenewalReminder, &format!("({})", arms.join(" OR ")))
+                queued(
+                    MailKind::RenewalReminder,
+                    &format!("({})", arms.join(" OR "))
+                )
             );
             (sql, args)
         }
-        // The notice scan reads `subscriptions_notice` (migration 4), whose
-        // rows are the subscriptions still owed their notices: the marker
-        // stands in for the outbox probes (see `Scan::reads_notice_index`).
-        QueuedNotice::Upcoming { .. } if marked => (String::new(), Vec::new()),
-        QueuedNotice::Upcoming { days } => (
-            format!(
-            " AND NOT ({} AND (s.card_expiry IS NULL \
-               OR (length(s.card_expiry) = 7 AND s.card_expiry >= strftime('%Y-%m', s.current_period_end + 86400, 'unixepoch')) \
-               OR {}))",
-                queued(MailKind::UpcomingRenewal, &format!("o.offset_key = {days}")),
-                queued(MailKind::CardExpiring, "o.offset_key = 0")
-            ),
+        // The marker (migration 4): also the condition of the partial index
+        // `subscriptions_notice`, which the notice scan reads.
+        QueuedNotice::Upcoming => (
+            " AND s.notified_period_end IS NOT s.current_period_end".into(),
             Vec::new(),
         ),
     }
@@ -1029,7 +1025,7 @@ impl Store for SqliteStore {
             (
                 "subscriptions_notice",
                 " AND s.status = 'active' AND s.auto_renew = 1 AND s.payment_kind = 'card' \
-                 AND s.cancel_at_period_end = 0 AND s.notified_period_end IS NOT s.current_period_end",
+                 AND s.cancel_at_period_end = 0",
             )
         } else {
             ("subscriptions_due", "")
@@ -1067,7 +1063,7 @@ impl Store for SqliteStore {
             args.push(on.into());
         }
         if let Some(skip) = &scan.skip_queued {
-            let (clause, skip_args) = skip_queued_sql(skip, scan.reads_notice_index());
+            let (clause, skip_args) = skip_queued_sql(skip);
             sql.push_str(&clause);
             args.extend(skip_args);
         }

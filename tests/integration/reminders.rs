@@ -449,7 +449,7 @@ fn notice_scan(now: jiff::Timestamp) -> renewd::store::Scan {
         not_cancelling: true,
         after_id: 0,
         limit: 100,
-        skip_queued: Some(renewd::store::QueuedNotice::Upcoming { days: 30 }),
+        skip_queued: Some(renewd::store::QueuedNotice::Upcoming),
     }
 }
 
