@@ -190,3 +190,26 @@ pub fn build_message(
         .multipart(body)
         .map_err(|e| MailError::Build(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message whose build panics fails like a rendering error (retrying
+    /// builds it the same way); a build the runtime cancelled is retried.
+    #[tokio::test]
+    async fn a_build_that_panics_fails_its_message_and_a_cancelled_one_is_retried() {
+        let panicked = tokio::task::spawn_blocking(|| -> () { panic!("template bug") })
+            .await
+            .unwrap_err();
+        assert!(matches!(builder_stopped(panicked), MailError::Build(_)));
+
+        let task = tokio::spawn(std::future::pending::<()>());
+        task.abort();
+        let cancelled = task.await.unwrap_err();
+        assert!(matches!(
+            builder_stopped(cancelled),
+            MailError::Transient(_)
+        ));
+    }
+}
