@@ -26,6 +26,7 @@ fn huge_pages_off() {
 
 fn main() -> ExitCode {
     huge_pages_off();
+    renewd::store::sqlite::memory::configure();
     let cli = match renewd::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

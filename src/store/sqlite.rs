@@ -48,6 +48,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 
 mod group_commit;
 use group_commit::{GroupCommit, WriteTx};
+pub mod memory;
 mod raw;
 use raw::Cols;
 mod readers;

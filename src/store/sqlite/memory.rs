@@ -1,0 +1,192 @@
+//! SQLite's memory, from the process's allocator.
+//!
+//! Bundled SQLite allocates with the C library's `malloc` and, by default,
+//! counts every allocation under a global mutex (`SQLITE_CONFIG_MEMSTATUS`).
+//! renewd never reads those counts, and its binary's allocator (mimalloc,
+//! `src/main.rs`) is faster than glibc's with many threads freeing what
+//! others made: glibc's malloc, free and the count's mutex were about 4% of
+//! a simulated year's samples, nearly all of them SQLite's (renewd bench,
+//! "time travel").
+//!
+//! [`configure`] must run before SQLite opens its first connection: after
+//! that SQLite refuses to be reconfigured, and keeps its defaults (which
+//! are correct, only slower).
+
+use std::alloc::{alloc, dealloc, realloc, Layout};
+use std::ffi::{c_int, c_void};
+use std::sync::OnceLock;
+
+use libsqlite3_sys as ffi;
+
+/// Each block starts with its size (SQLite asks for it, `xSize`), as
+/// SQLite's own allocator does; 8 bytes keep the block 8-aligned, which is
+/// what SQLite requires.
+const HEADER: usize = 8;
+const ALIGN: usize = 8;
+
+fn layout(size: usize) -> Option<Layout> {
+    Layout::from_size_align(size.checked_add(HEADER)?, ALIGN).ok()
+}
+
+unsafe extern "C" fn x_malloc(n: c_int) -> *mut c_void {
+    let Some(layout) = usize::try_from(n).ok().and_then(layout) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: the layout is never zero-sized (it holds the header).
+    let block = unsafe { alloc(layout) };
+    if block.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the block holds at least HEADER bytes, 8-aligned.
+    unsafe {
+        block.cast::<usize>().write(layout.size() - HEADER);
+        block.add(HEADER).cast()
+    }
+}
+
+/// The block's start and layout, from the pointer SQLite holds.
+///
+/// # Safety
+/// `p` came from `x_malloc` or `x_realloc` and was not freed.
+unsafe fn block_of(p: *mut c_void) -> (*mut u8, Layout) {
+    // SAFETY: per the contract, the header sits HEADER bytes before `p`.
+    let block = unsafe { p.cast::<u8>().sub(HEADER) };
+    // SAFETY: as above; the size was written by x_malloc or x_realloc.
+    let size = unsafe { block.cast::<usize>().read() };
+    // SAFETY: this layout was valid when the block was made.
+    let layout = unsafe { Layout::from_size_align_unchecked(size + HEADER, ALIGN) };
+    (block, layout)
+}
+
+unsafe extern "C" fn x_free(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: SQLite frees only what its xMalloc/xRealloc returned.
+    let (block, layout) = unsafe { block_of(p) };
+    // SAFETY: the block was allocated with this layout.
+    unsafe { dealloc(block, layout) };
+}
+
+unsafe extern "C" fn x_realloc(p: *mut c_void, n: c_int) -> *mut c_void {
+    if p.is_null() {
+        // SAFETY: the same contract as x_malloc.
+        return unsafe { x_malloc(n) };
+    }
+    let Some(new) = usize::try_from(n).ok().and_then(layout) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: SQLite reallocates only what its xMalloc/xRealloc returned.
+    let (block, old) = unsafe { block_of(p) };
+    // SAFETY: the block was allocated with `old`; the new size is non-zero
+    // and fits a layout of the same alignment.
+    let moved = unsafe { realloc(block, old, new.size()) };
+    if moved.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the block holds at least HEADER bytes, 8-aligned.
+    unsafe {
+        moved.cast::<usize>().write(new.size() - HEADER);
+        moved.add(HEADER).cast()
+    }
+}
+
+unsafe extern "C" fn x_size(p: *mut c_void) -> c_int {
+    if p.is_null() {
+        return 0;
+    }
+    // SAFETY: SQLite asks only about what its xMalloc/xRealloc returned.
+    let (_, layout) = unsafe { block_of(p) };
+    c_int::try_from(layout.size() - HEADER).unwrap_or(c_int::MAX)
+}
+
+unsafe extern "C" fn x_roundup(n: c_int) -> c_int {
+    n.checked_add(7).map_or(n, |m| m & !7)
+}
+
+unsafe extern "C" fn x_init(_: *mut c_void) -> c_int {
+    ffi::SQLITE_OK
+}
+
+unsafe extern "C" fn x_shutdown(_: *mut c_void) {}
+
+/// The methods SQLite copies; `pAppData` is null, so sharing them between
+/// threads shares nothing.
+struct Methods(ffi::sqlite3_mem_methods);
+// SAFETY: the only pointer inside is null and never written.
+unsafe impl Sync for Methods {}
+
+static METHODS: Methods = Methods(ffi::sqlite3_mem_methods {
+    xMalloc: Some(x_malloc),
+    xFree: Some(x_free),
+    xRealloc: Some(x_realloc),
+    xSize: Some(x_size),
+    xRoundup: Some(x_roundup),
+    xInit: Some(x_init),
+    xShutdown: Some(x_shutdown),
+    pAppData: std::ptr::null_mut(),
+});
+
+/// Gives SQLite the process's allocator and turns its memory statistics
+/// off. Returns whether SQLite took both (false once SQLite has started:
+/// it then keeps its defaults). Only the first call does anything.
+pub fn configure() -> bool {
+    static TAKEN: OnceLock<bool> = OnceLock::new();
+    *TAKEN.get_or_init(|| {
+        // SAFETY: before SQLite's first use in this process these only set
+        // its configuration (afterwards it refuses with SQLITE_MISUSE and
+        // changes nothing); METHODS is static, and SQLite copies it.
+        unsafe {
+            ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as c_int) == ffi::SQLITE_OK
+                && ffi::sqlite3_config(ffi::SQLITE_CONFIG_MALLOC, &raw const METHODS.0)
+                    == ffi::SQLITE_OK
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_keep_their_size_and_contents_through_realloc() {
+        unsafe {
+            let p = x_malloc(13).cast::<u8>();
+            assert!(!p.is_null());
+            assert_eq!(p as usize % ALIGN, 0, "SQLite needs 8-aligned blocks");
+            assert_eq!(x_size(p.cast()), 13);
+            for i in 0..13 {
+                p.add(i).write(i as u8);
+            }
+            let q = x_realloc(p.cast(), 4000).cast::<u8>();
+            assert!(!q.is_null());
+            assert_eq!(x_size(q.cast()), 4000);
+            let kept: Vec<u8> = (0..13).map(|i| q.add(i).read()).collect();
+            assert_eq!(kept, (0..13).collect::<Vec<u8>>());
+            let r = x_realloc(q.cast(), 5).cast::<u8>();
+            assert_eq!(x_size(r.cast()), 5);
+            assert_eq!(r.add(4).read(), 4);
+            x_free(r.cast());
+        }
+    }
+
+    #[test]
+    fn null_and_impossible_sizes_are_answered_as_sqlite_expects() {
+        unsafe {
+            assert!(x_malloc(-1).is_null());
+            assert_eq!(x_size(std::ptr::null_mut()), 0);
+            x_free(std::ptr::null_mut());
+            let p = x_realloc(std::ptr::null_mut(), 24);
+            assert_eq!(x_size(p), 24);
+            assert!(
+                x_realloc(p, -5).is_null(),
+                "a failed realloc leaves the block"
+            );
+            assert_eq!(x_size(p), 24);
+            x_free(p);
+            assert_eq!(x_roundup(13), 16);
+            assert_eq!(x_roundup(16), 16);
+            assert_eq!(x_roundup(c_int::MAX), c_int::MAX);
+        }
+    }
+}
