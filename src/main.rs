@@ -26,7 +26,15 @@ fn huge_pages_off() {
 
 fn main() -> ExitCode {
     huge_pages_off();
-    renewd::store::sqlite::memory::configure();
+    // SAFETY: nothing has started SQLite, and no other thread exists yet.
+    let sqlite_on_our_allocator = unsafe { renewd::store::sqlite::memory::configure() };
+    // Every CLI test runs a debug build of this binary: one that started
+    // SQLite before this point would fail them all, not lose its speed
+    // silently.
+    debug_assert!(
+        sqlite_on_our_allocator,
+        "SQLite started before main configured its memory"
+    );
     let cli = match renewd::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -8,9 +8,9 @@
 //! a simulated year's samples, nearly all of them SQLite's (renewd bench,
 //! "time travel").
 //!
-//! [`configure`] must run before SQLite opens its first connection: after
-//! that SQLite refuses to be reconfigured, and keeps its defaults (which
-//! are correct, only slower).
+//! [`configure`] must run before any SQLite call starts SQLite (opening a
+//! connection, `sqlite3_malloc`, ...): after that SQLite refuses to be
+//! reconfigured, and keeps its defaults (which are correct, only slower).
 
 use std::alloc::{alloc, dealloc, realloc, Layout};
 use std::ffi::{c_int, c_void};
@@ -20,7 +20,8 @@ use libsqlite3_sys as ffi;
 
 /// Each block starts with its size (SQLite asks for it, `xSize`), as
 /// SQLite's own allocator does; 8 bytes keep the block 8-aligned, which is
-/// what SQLite requires.
+/// what SQLite requires (glibc's blocks are 16-aligned; SQLite needs no
+/// more than 8).
 const HEADER: usize = 8;
 const ALIGN: usize = 8;
 
@@ -100,6 +101,8 @@ unsafe extern "C" fn x_size(p: *mut c_void) -> c_int {
     c_int::try_from(layout.size() - HEADER).unwrap_or(c_int::MAX)
 }
 
+/// SQLite never asks about sizes near `c_int::MAX` or below zero (it caps
+/// allocations below 0x7fffff00); those come back unrounded.
 unsafe extern "C" fn x_roundup(n: c_int) -> c_int {
     n.checked_add(7).map_or(n, |m| m & !7)
 }
@@ -110,35 +113,37 @@ unsafe extern "C" fn x_init(_: *mut c_void) -> c_int {
 
 unsafe extern "C" fn x_shutdown(_: *mut c_void) {}
 
-/// The methods SQLite copies; `pAppData` is null, so sharing them between
-/// threads shares nothing.
-struct Methods(ffi::sqlite3_mem_methods);
-// SAFETY: the only pointer inside is null and never written.
-unsafe impl Sync for Methods {}
-
-static METHODS: Methods = Methods(ffi::sqlite3_mem_methods {
-    xMalloc: Some(x_malloc),
-    xFree: Some(x_free),
-    xRealloc: Some(x_realloc),
-    xSize: Some(x_size),
-    xRoundup: Some(x_roundup),
-    xInit: Some(x_init),
-    xShutdown: Some(x_shutdown),
-    pAppData: std::ptr::null_mut(),
-});
-
 /// Gives SQLite the process's allocator and turns its memory statistics
 /// off. Returns whether SQLite took both (false once SQLite has started:
-/// it then keeps its defaults). Only the first call does anything.
-pub fn configure() -> bool {
+/// it then keeps its defaults, and nothing changes). Only the first call
+/// does anything; later ones return its answer.
+///
+/// # Safety
+/// No other thread may be using SQLite, or starting it, during the first
+/// call: `sqlite3_config` writes SQLite's global settings without a lock,
+/// and a thread starting SQLite meanwhile could read half of them (this
+/// allocator's `xMalloc` with the C library's `xFree`).
+#[must_use]
+pub unsafe fn configure() -> bool {
     static TAKEN: OnceLock<bool> = OnceLock::new();
     *TAKEN.get_or_init(|| {
-        // SAFETY: before SQLite's first use in this process these only set
-        // its configuration (afterwards it refuses with SQLITE_MISUSE and
-        // changes nothing); METHODS is static, and SQLite copies it.
+        // SQLite copies the methods (`sqlite3GlobalConfig.m = *arg`).
+        let methods = ffi::sqlite3_mem_methods {
+            xMalloc: Some(x_malloc),
+            xFree: Some(x_free),
+            xRealloc: Some(x_realloc),
+            xSize: Some(x_size),
+            xRoundup: Some(x_roundup),
+            xInit: Some(x_init),
+            xShutdown: Some(x_shutdown),
+            pAppData: std::ptr::null_mut(),
+        };
+        // SAFETY: per this function's contract nothing else is using SQLite
+        // now; before SQLite has started these only set its configuration
+        // (afterwards SQLite refuses with SQLITE_MISUSE and changes nothing).
         unsafe {
             ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as c_int) == ffi::SQLITE_OK
-                && ffi::sqlite3_config(ffi::SQLITE_CONFIG_MALLOC, &raw const METHODS.0)
+                && ffi::sqlite3_config(ffi::SQLITE_CONFIG_MALLOC, &raw const methods)
                     == ffi::SQLITE_OK
         }
     })
@@ -160,10 +165,12 @@ mod tests {
             }
             let q = x_realloc(p.cast(), 4000).cast::<u8>();
             assert!(!q.is_null());
+            assert_eq!(q as usize % ALIGN, 0);
             assert_eq!(x_size(q.cast()), 4000);
             let kept: Vec<u8> = (0..13).map(|i| q.add(i).read()).collect();
             assert_eq!(kept, (0..13).collect::<Vec<u8>>());
             let r = x_realloc(q.cast(), 5).cast::<u8>();
+            assert!(!r.is_null());
             assert_eq!(x_size(r.cast()), 5);
             assert_eq!(r.add(4).read(), 4);
             x_free(r.cast());
@@ -171,21 +178,38 @@ mod tests {
     }
 
     #[test]
-    fn null_and_impossible_sizes_are_answered_as_sqlite_expects() {
+    fn null_pointers_are_answered_as_sqlite_expects() {
         unsafe {
-            assert!(x_malloc(-1).is_null());
             assert_eq!(x_size(std::ptr::null_mut()), 0);
             x_free(std::ptr::null_mut());
             let p = x_realloc(std::ptr::null_mut(), 24);
-            assert_eq!(x_size(p), 24);
-            assert!(
-                x_realloc(p, -5).is_null(),
-                "a failed realloc leaves the block"
-            );
+            assert!(!p.is_null(), "realloc of NULL allocates");
             assert_eq!(x_size(p), 24);
             x_free(p);
+        }
+    }
+
+    /// SQLite itself never asks for these (it checks sizes first); the
+    /// answers are NULL rather than a block of the wrong size. The
+    /// refused realloc fails before the allocator is called, and leaves
+    /// the block as it was.
+    #[test]
+    fn negative_sizes_are_refused_and_leave_the_block() {
+        unsafe {
+            assert!(x_malloc(-1).is_null());
+            let p = x_malloc(24);
+            assert!(x_realloc(p, -5).is_null());
+            assert_eq!(x_size(p), 24);
+            x_free(p);
+        }
+    }
+
+    #[test]
+    fn sizes_round_up_to_eight() {
+        unsafe {
             assert_eq!(x_roundup(13), 16);
             assert_eq!(x_roundup(16), 16);
+            assert_eq!(x_roundup(1), 8);
             assert_eq!(x_roundup(c_int::MAX), c_int::MAX);
         }
     }
