@@ -35,6 +35,16 @@ unsafe extern "C" fn x_malloc(n: c_int) -> *mut c_void {
     };
     // SAFETY: the layout is never zero-sized (it holds the header).
     let block = unsafe { alloc(layout) };
+    // SAFETY: a block just allocated with `layout`, or null.
+    unsafe { headed(block, layout) }
+}
+
+/// Writes the size into a new block's header and returns what SQLite gets:
+/// the bytes after it (null for a failed allocation).
+///
+/// # Safety
+/// `block` is null or was just allocated with `layout`.
+unsafe fn headed(block: *mut u8, layout: Layout) -> *mut c_void {
     if block.is_null() {
         return std::ptr::null_mut();
     }
@@ -82,14 +92,9 @@ unsafe extern "C" fn x_realloc(p: *mut c_void, n: c_int) -> *mut c_void {
     // SAFETY: the block was allocated with `old`; the new size is non-zero
     // and fits a layout of the same alignment.
     let moved = unsafe { realloc(block, old, new.size()) };
-    if moved.is_null() {
-        return std::ptr::null_mut();
-    }
-    // SAFETY: the block holds at least HEADER bytes, 8-aligned.
-    unsafe {
-        moved.cast::<usize>().write(new.size() - HEADER);
-        moved.add(HEADER).cast()
-    }
+    // SAFETY: the block now has layout `new` (or the realloc failed, null,
+    // and the old block is left as it was).
+    unsafe { headed(moved, new) }
 }
 
 unsafe extern "C" fn x_size(p: *mut c_void) -> c_int {
