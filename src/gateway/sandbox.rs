@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 
 use super::{CardDetails, Charge, ChargeRequest, GatewayError, Lookup, PaymentGateway};
 use crate::clock::SharedClock;
+use crate::store::sqlite::direct::{Arg, Cols, Connections, Script};
 
 /// Stripe's test payment methods and how the sandbox answers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,12 +116,30 @@ impl From<&crate::config::SandboxSettings> for Faults {
     }
 }
 
+/// How long a statement waits for another process's lock on the ledger.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Takes the charge unless its key was seen before; returns the new row.
+const INSERT_CHARGE: &str = "INSERT INTO charges (seq, id, idempotency_key, payment_method, amount_minor, currency, outcome, \
+     decline_kind, decline_code, created_at) \
+     SELECT n, printf('ch_sandbox_%08d', n), ?, ?, ?, ?, ?, ?, ?, ? \
+     FROM (SELECT IFNULL((SELECT seq FROM charges ORDER BY seq DESC LIMIT 1), 0) + 1 AS n) WHERE true \
+     ON CONFLICT (idempotency_key) DO NOTHING RETURNING *";
+
+const CHARGE_BY_KEY: &str = "SELECT * FROM charges WHERE idempotency_key = ?";
+
 fn every(n: u64, k: u64) -> bool {
     k > 0 && n.is_multiple_of(k)
 }
 
 pub struct SandboxGateway {
+    /// The ledger's schema and its listing ([`SandboxGateway::charges`]).
     pool: SqlitePool,
+    /// Charges and lookups, run on the caller's thread: through `pool`,
+    /// every charge was handed to sqlx's worker thread and back, which
+    /// cost a simulated year's renewals more than the ledger's own
+    /// writes (renewd bench, "time travel").
+    direct: Connections,
     clock: SharedClock,
     latency: Duration,
     write: Mutex<()>,
@@ -148,12 +167,12 @@ impl SandboxGateway {
             // whose own durability is not renewd's cost to pay: at FULL every
             // charge waited for a flush of its own (renewd bench).
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
+            .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             // A local file: no ping before every statement.
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::raw_sql(
             "CREATE TABLE IF NOT EXISTS charges (
@@ -171,8 +190,12 @@ impl SandboxGateway {
         )
         .execute(&pool)
         .await?;
+        let direct = Connections::open(&options, 2, BUSY_TIMEOUT)
+            .await
+            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
         Ok(SandboxGateway {
             pool,
+            direct,
             clock,
             latency,
             write: Mutex::new(()),
@@ -243,76 +266,72 @@ impl SandboxGateway {
             Some(TestCard::Soft { code, .. }) => ("declined", Some("soft"), Some(code)),
             None => ("declined", Some("hard"), Some("resource_missing")),
         };
-        // One statement, so one round trip to the ledger: the charge is taken
-        // unless its key was seen before (a single statement is atomic; the
-        // mutex only keeps this process's requests in order).
-        let _guard = self.write.lock().await;
-        let inserted = sqlx::query(
-            "INSERT INTO charges (seq, id, idempotency_key, payment_method, amount_minor, currency, outcome, \
-             decline_kind, decline_code, created_at) \
-             SELECT n, printf('ch_sandbox_%08d', n), ?, ?, ?, ?, ?, ?, ?, ? \
-             FROM (SELECT IFNULL((SELECT seq FROM charges ORDER BY seq DESC LIMIT 1), 0) + 1 AS n) WHERE true \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
-        )
-        .bind(&req.idempotency_key)
-        .bind(&req.payment_method)
-        .bind(req.amount.amount_minor)
-        .bind(req.amount.currency.code())
-        .bind(outcome)
-        .bind(kind)
-        .bind(code)
-        .bind(self.clock.now().as_second())
-        // Stepped to the end (not `fetch_optional`), so the statement is
-        // done and its connection holds no transaction: one left open kept
+        // One statement: the charge is taken unless its key was seen before
+        // (a single statement is atomic; the mutex only keeps this
+        // process's requests in order). It runs to its end, so its
+        // connection holds no transaction afterwards: one left open kept
         // the ledger's WAL from ever being checkpointed, and every lookup
         // in it grew slower with the ledger's size (renewd bench, "time
         // travel").
-        .fetch_all(&self.pool)
-        .await
-        .map_err(infra)?
-        .into_iter()
-        .next();
-        let row = match inserted {
-            Some(row) => row,
-            None => {
-                let row = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
-                    .bind(&req.idempotency_key)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(infra)?;
-                let same = row.try_get::<String, _>("payment_method").map_err(infra)?
-                    == req.payment_method
-                    && row.try_get::<i64, _>("amount_minor").map_err(infra)?
-                        == req.amount.amount_minor
-                    && row.try_get::<String, _>("currency").map_err(infra)?
-                        == req.amount.currency.code();
-                if !same {
-                    // Stripe answers 400 idempotency_error; nothing was charged by this request.
-                    return Err(GatewayError::HardDecline {
-                        code: "idempotency_error".into(),
-                        message: "Keys for idempotent requests can only be used with the same parameters they were first used with.".into(),
-                    });
-                }
-                return Self::stored_result(&row).map_err(infra)?;
+        let _guard = self.write.lock().await;
+        let mut insert = Script::default();
+        insert.push(
+            INSERT_CHARGE,
+            [
+                Arg::from(&req.idempotency_key),
+                Arg::from(&req.payment_method),
+                Arg::from(req.amount.amount_minor),
+                Arg::from(req.amount.currency.code()),
+                Arg::from(outcome),
+                Arg::from(kind),
+                Arg::from(code),
+                Arg::from(self.clock.now().as_second()),
+            ],
+        );
+        let inserted = self.direct.run(&insert).await.map_err(infra)?;
+        let Some(row) = inserted.all().first() else {
+            let row = self
+                .charge_by_key(&req.idempotency_key)
+                .await?
+                .ok_or_else(|| {
+                    GatewayError::Unknown(format!(
+                        "sandbox ledger: no charge for key {} after a conflict on it",
+                        req.idempotency_key
+                    ))
+                })?;
+            let same = row.col::<String>("payment_method").map_err(infra)? == req.payment_method
+                && row.col::<i64>("amount_minor").map_err(infra)? == req.amount.amount_minor
+                && row.col::<String>("currency").map_err(infra)? == req.amount.currency.code();
+            if !same {
+                // Stripe answers 400 idempotency_error; nothing was charged by this request.
+                return Err(GatewayError::HardDecline {
+                    code: "idempotency_error".into(),
+                    message: "Keys for idempotent requests can only be used with the same parameters they were first used with.".into(),
+                });
             }
+            return Self::stored_result(&row).map_err(infra)?;
         };
         if every(n, self.faults.timeout_after_charge_every) {
             return Err(GatewayError::Unknown(
                 "sandbox: injected timeout after taking the charge".into(),
             ));
         }
-        Self::stored_result(&row).map_err(infra)?
+        Self::stored_result(row).map_err(infra)?
+    }
+
+    /// The ledger's row for `key`, if there is one.
+    async fn charge_by_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::store::sqlite::direct::Row>, GatewayError> {
+        let mut select = Script::default();
+        select.push(CHARGE_BY_KEY, [Arg::from(key)]);
+        let rows = self.direct.run(&select).await.map_err(infra)?;
+        Ok(rows.all().first().cloned())
     }
 
     async fn find_charge(&self, idempotency_key: &str) -> Result<Lookup, GatewayError> {
-        let row = sqlx::query("SELECT * FROM charges WHERE idempotency_key = ?")
-            .bind(idempotency_key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(infra)?
-            .into_iter()
-            .next();
-        Ok(match row {
+        Ok(match self.charge_by_key(idempotency_key).await? {
             None => Lookup::NotFound,
             Some(row) => match Self::stored_result(&row).map_err(infra)? {
                 Ok(charge) => Lookup::Charged(charge),
@@ -322,15 +341,15 @@ impl SandboxGateway {
     }
 
     fn stored_result(
-        row: &sqlx::sqlite::SqliteRow,
-    ) -> Result<Result<Charge, GatewayError>, sqlx::Error> {
-        let outcome: String = row.try_get("outcome")?;
-        let code: Option<String> = row.try_get("decline_code")?;
-        let kind: Option<String> = row.try_get("decline_kind")?;
+        row: &impl Cols,
+    ) -> Result<Result<Charge, GatewayError>, crate::store::StoreError> {
+        let outcome: String = row.col("outcome")?;
+        let code: Option<String> = row.col("decline_code")?;
+        let kind: Option<String> = row.col("decline_kind")?;
         let code = code.unwrap_or_default();
         Ok(match (outcome.as_str(), kind.as_deref()) {
             ("succeeded", _) => Ok(Charge {
-                reference: row.try_get("id")?,
+                reference: row.col("id")?,
             }),
             (_, Some("soft")) => Err(GatewayError::SoftDecline {
                 message: decline_message(&code).into(),
@@ -355,7 +374,7 @@ fn decline_message(code: &str) -> &'static str {
     }
 }
 
-fn infra(e: sqlx::Error) -> GatewayError {
+fn infra(e: impl std::fmt::Display) -> GatewayError {
     GatewayError::Unknown(format!("sandbox ledger: {e}"))
 }
 
@@ -423,6 +442,39 @@ mod tests {
         let second = gw.charge(&req("k1", "pm_card_visa", 100)).await.unwrap();
         assert_eq!(first, second);
         assert_eq!(gw.charges().await.unwrap().len(), 1);
+    }
+
+    /// Two sandboxes on one ledger file, as two renewd processes would
+    /// be: charging at once, each meets the other's lock and tries again,
+    /// and every charge gets a number of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_processes_share_one_ledger_without_losing_a_charge() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (sandbox(&dir).await, sandbox(&dir).await);
+        let charge_all = |gw: SandboxGateway, side: &'static str| async move {
+            for i in 0..200 {
+                gw.charge(&req(&format!("{side}{i}"), "pm_card_visa", 100))
+                    .await
+                    .unwrap();
+            }
+            gw
+        };
+        let (a, b) = tokio::join!(
+            tokio::spawn(charge_all(a, "a")),
+            tokio::spawn(charge_all(b, "b"))
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let ledger = a.charges().await.unwrap();
+        assert_eq!(ledger.len(), 400);
+        let ids: std::collections::HashSet<_> = ledger.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids.len(), 400);
+        // Either side finds the other's charges by key.
+        assert!(matches!(
+            a.lookup("b199").await.unwrap(),
+            Lookup::Charged(_)
+        ));
+        assert!(matches!(b.lookup("a0").await.unwrap(), Lookup::Charged(_)));
+        assert_eq!(b.lookup("c0").await.unwrap(), Lookup::NotFound);
     }
 
     #[tokio::test]

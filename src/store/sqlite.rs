@@ -53,6 +53,13 @@ mod raw;
 use raw::Cols;
 mod readers;
 use readers::Readers;
+/// SQLite connections driven on the caller's thread, for the process's
+/// other SQLite files (the sandbox gateway's ledger).
+pub(crate) mod direct {
+    pub(crate) use super::raw::{Cols, RawRow as Row};
+    pub(crate) use super::readers::Readers as Connections;
+    pub(crate) use super::script::{Arg, Script};
+}
 mod script;
 use script::{Arg, Script, Tagged};
 
@@ -1072,7 +1079,7 @@ impl Store for SqliteStore {
         args.push(scan.limit.into());
         let mut s = Script::default();
         s.push(&sql, args);
-        let out = self.readers.read(&s).await?;
+        let out = self.readers.run(&s).await?;
         out.all()
             .iter()
             .map(|r| Ok((subscription_from(r)?, customer_from(r, "c_")?)))
@@ -1398,7 +1405,7 @@ impl Store for SqliteStore {
             "SELECT 'attempt' AS tag, * FROM payment_attempts WHERE renewal_id = ? ORDER BY attempt_no DESC LIMIT 1",
             [renewal_id.into()],
         );
-        let out = self.readers.read(&s).await?;
+        let out = self.readers.run(&s).await?;
         let Some(row) = out.first("work") else {
             return Ok(None);
         };
@@ -1830,7 +1837,7 @@ impl Store for SqliteStore {
             &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE number = ?"),
             [number.into()],
         );
-        let out = self.readers.read(&s).await?;
+        let out = self.readers.run(&s).await?;
         out.all().first().map(invoice_from).transpose()
     }
 

@@ -1,4 +1,5 @@
-//! Reader connections driven directly, on the calling thread.
+//! Connections driven directly, on the calling thread: the store's
+//! readers, and the sandbox gateway's ledger (`gateway::sandbox`).
 //!
 //! A read through sqlx's pool is handed to the connection's worker thread,
 //! and its rows handed back one message at a time: two or more thread
@@ -16,6 +17,10 @@
 //! locked by another process (a WAL recovery, an exclusive lock) does not
 //! hold the thread: it lets go of its reader and tries again after an
 //! async pause, until the store's busy timeout has passed.
+//!
+//! A script run here has no transaction around it: each statement is its
+//! own, so a write through [`Readers::run`] is one statement, committed
+//! when it ends (the sandbox's ledger takes a charge in one `INSERT`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -36,7 +41,7 @@ struct Reader {
     _conn: SqliteConnection,
 }
 
-pub(super) struct Readers {
+pub(crate) struct Readers {
     slots: Vec<Mutex<Reader>>,
     next: AtomicUsize,
     /// How long a read keeps trying while the database is locked.
@@ -46,7 +51,7 @@ pub(super) struct Readers {
 impl Readers {
     /// Opens `n` (at least one) reader connections with `options`; a read
     /// that finds the database locked keeps trying for `busy_timeout`.
-    pub(super) async fn open(
+    pub(crate) async fn open(
         options: &SqliteConnectOptions,
         n: usize,
         busy_timeout: Duration,
@@ -81,10 +86,11 @@ impl Readers {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs a read-only script (its statements in order, each in its own
-    /// read transaction) and returns the rows of all of them; its
-    /// statements stay prepared for the next read of the same text.
-    pub(super) async fn read(&self, script: &Script) -> StoreResult<Tagged> {
+    /// Runs a script (its statements in order, each in its own
+    /// transaction) and returns the rows of all of them; its statements
+    /// stay prepared for the next run of the same text. A statement that
+    /// met the database locked changed nothing, so it is tried again.
+    pub(crate) async fn run(&self, script: &Script) -> StoreResult<Tagged> {
         let mut wait = BusyWait::new(self.busy_timeout);
         loop {
             // The reader is given back before any pause.
@@ -133,7 +139,7 @@ mod tests {
     async fn names(readers: &Readers) -> Vec<String> {
         let mut s = Script::default();
         s.push("SELECT name FROM t WHERE id > ? ORDER BY id", [0.into()]);
-        let out = readers.read(&s).await.unwrap();
+        let out = readers.run(&s).await.unwrap();
         out.all().iter().map(|r| r.col("name").unwrap()).collect()
     }
 
@@ -162,7 +168,7 @@ mod tests {
         let (readers, mut writer) = setup(&dir, 1).await;
         let mut bad = Script::default();
         bad.push("SELECT nothing FROM t WHERE id = ?", [1.into()]);
-        assert!(readers.read(&bad).await.is_err());
+        assert!(readers.run(&bad).await.is_err());
         // One that fails while it runs, after its first row: the statement
         // is reset all the same, and holds no snapshot.
         let mut overflow = Script::default();
@@ -170,7 +176,7 @@ mod tests {
             "SELECT abs(v) AS a FROM (SELECT 1 AS v UNION ALL SELECT -9223372036854775808) WHERE ? ORDER BY v DESC",
             [1.into()],
         );
-        assert!(readers.read(&overflow).await.is_err());
+        assert!(readers.run(&overflow).await.is_err());
         insert(&mut writer, "one").await;
         assert_eq!(names(&readers).await, ["one"]);
     }
@@ -215,13 +221,13 @@ mod tests {
         let mut s = Script::default();
         s.push("SELECT * FROM t WHERE id > ?", [0.into()]);
         insert(&mut writer, "one").await;
-        let before = readers.read(&s).await.unwrap();
+        let before = readers.run(&s).await.unwrap();
         assert!(before.all()[0].col::<Option<String>>("extra").is_err());
         sqlx::query("ALTER TABLE t ADD COLUMN extra TEXT DEFAULT 'x'")
             .execute(&mut writer)
             .await
             .unwrap();
-        let after = readers.read(&s).await.unwrap();
+        let after = readers.run(&s).await.unwrap();
         assert_eq!(
             after.all()[0].col::<Option<String>>("extra").unwrap(),
             Some("x".to_string())

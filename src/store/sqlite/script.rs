@@ -135,7 +135,7 @@ impl Script {
     /// Runs every statement on a held connection, in order; returns the
     /// rows of all of them, in statement order. The statements stay
     /// prepared for the next run of the same text.
-    pub(crate) fn run_db(&self, held: &mut Held) -> Result<Tagged, sqlx::Error> {
+    pub(super) fn run_db(&self, held: &mut Held) -> Result<Tagged, sqlx::Error> {
         if self.sql.is_empty() {
             return Ok(Tagged(Vec::new()));
         }
