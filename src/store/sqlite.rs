@@ -58,7 +58,7 @@ use readers::Readers;
 pub(crate) mod direct {
     pub(crate) use super::raw::{Cols, RawRow as Row};
     pub(crate) use super::readers::Readers as Connections;
-    pub(crate) use super::script::{Arg, Script};
+    pub(crate) use super::script::{Arg, Script, Tagged};
 }
 mod script;
 use script::{Arg, Script, Tagged};
