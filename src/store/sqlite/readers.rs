@@ -19,8 +19,10 @@
 //! async pause, until the store's busy timeout has passed.
 //!
 //! A script run here has no transaction around it: each statement is its
-//! own, so a write through [`Readers::run`] is one statement, committed
-//! when it ends (the sandbox's ledger takes a charge in one `INSERT`).
+//! own. A script that met a locked database is run again from its first
+//! statement, so a write through [`Readers::run`] must be one statement,
+//! committed when it ends (the sandbox's ledger takes a charge in one
+//! `INSERT`): a second one would run the first again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -88,13 +90,22 @@ impl Readers {
 
     /// Runs a script (its statements in order, each in its own
     /// transaction) and returns the rows of all of them; its statements
-    /// stay prepared for the next run of the same text. A statement that
-    /// met the database locked changed nothing, so it is tried again.
+    /// stay prepared for the next run of the same text. A script that met
+    /// the database locked is run again, from its first statement: reads
+    /// may be any number of statements, a write only one (see above).
     pub(crate) async fn run(&self, script: &Script) -> StoreResult<Tagged> {
         let mut wait = BusyWait::new(self.busy_timeout);
         loop {
             // The reader is given back before any pause.
-            let result = script.run_db(&mut self.reader().held);
+            let result = {
+                let mut reader = self.reader();
+                let result = script.run_db(&mut reader.held);
+                debug_assert!(
+                    !reader.held.in_transaction(),
+                    "a script left a transaction open on a direct connection"
+                );
+                result
+            };
             match result {
                 Err(e) if wait.again(&e).await => {}
                 other => return Ok(other?),
