@@ -14,13 +14,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jiff::Timestamp;
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use tokio::sync::Mutex;
 
 use super::{CardDetails, Charge, ChargeRequest, GatewayError, Lookup, PaymentGateway};
 use crate::clock::SharedClock;
-use crate::store::sqlite::direct::{Arg, Cols, Connections, Script, Tagged};
+use crate::store::sqlite::direct::{Arg, Cols, Connections, Row, Script, Tagged};
 
 /// Stripe's test payment methods and how the sandbox answers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,12 +137,11 @@ fn every(n: u64, k: u64) -> bool {
 }
 
 pub struct SandboxGateway {
-    /// The ledger's schema and its listing ([`SandboxGateway::charges`]).
-    pool: SqlitePool,
-    /// Charges and lookups, driven directly (see [`SandboxGateway::ledger`]):
-    /// through `pool`, every charge was handed to sqlx's worker thread and
-    /// back, which cost a simulated year's renewals more than the ledger's
-    /// own writes (renewd bench, "time travel").
+    /// The ledger's connections, driven directly (see
+    /// [`SandboxGateway::ledger`]): through an sqlx pool, every charge was
+    /// handed to sqlx's worker thread and back, which cost a simulated
+    /// year's renewals more than the ledger's own writes (renewd bench,
+    /// "time travel").
     direct: Arc<Connections>,
     clock: SharedClock,
     latency: Duration,
@@ -173,13 +171,11 @@ impl SandboxGateway {
             // charge waited for a flush of its own (renewd bench).
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            // A local file: no ping before every statement.
-            .test_before_acquire(false)
-            .connect_with(options.clone())
-            .await?;
-        sqlx::raw_sql(
+        let direct = Connections::open(&options, LEDGER_CONNECTIONS, BUSY_TIMEOUT)
+            .await
+            .map_err(ledger_error)?;
+        let mut schema = Script::default();
+        schema.push(
             "CREATE TABLE IF NOT EXISTS charges (
                 seq             INTEGER PRIMARY KEY,
                 id              TEXT    NOT NULL UNIQUE,
@@ -192,17 +188,10 @@ impl SandboxGateway {
                 decline_code    TEXT,
                 created_at      INTEGER NOT NULL
             )",
-        )
-        .execute(&pool)
-        .await?;
-        let direct = Connections::open(&options, LEDGER_CONNECTIONS, BUSY_TIMEOUT)
-            .await
-            .map_err(|e| match e {
-                crate::store::StoreError::Database(e) => e,
-                other => sqlx::Error::Configuration(other.to_string().into()),
-            })?;
+            [],
+        );
+        direct.run(&schema).await.map_err(ledger_error)?;
         Ok(SandboxGateway {
-            pool,
             direct: Arc::new(direct),
             clock,
             latency,
@@ -220,23 +209,25 @@ impl SandboxGateway {
 
     /// The whole ledger, oldest first.
     pub async fn charges(&self) -> Result<Vec<LedgerCharge>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM charges ORDER BY seq")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LedgerCharge {
-                    id: r.try_get("id")?,
-                    idempotency_key: r.try_get("idempotency_key")?,
-                    payment_method: r.try_get("payment_method")?,
-                    amount_minor: r.try_get("amount_minor")?,
-                    currency: r.try_get("currency")?,
-                    outcome: r.try_get("outcome")?,
-                    decline_code: r.try_get("decline_code")?,
-                    created_at: Timestamp::from_second(r.try_get("created_at")?)
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                })
+        let mut all = Script::default();
+        all.push("SELECT * FROM charges ORDER BY seq", []);
+        let rows = self.direct.run(&all).await.map_err(ledger_error)?;
+        let charge = |r: &Row| -> Result<LedgerCharge, crate::store::StoreError> {
+            Ok(LedgerCharge {
+                id: r.col("id")?,
+                idempotency_key: r.col("idempotency_key")?,
+                payment_method: r.col("payment_method")?,
+                amount_minor: r.col("amount_minor")?,
+                currency: r.col("currency")?,
+                outcome: r.col("outcome")?,
+                decline_code: r.col("decline_code")?,
+                created_at: Timestamp::from_second(r.col("created_at")?)
+                    .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?,
             })
+        };
+        rows.all()
+            .iter()
+            .map(|r| charge(r).map_err(ledger_error))
             .collect()
     }
 
@@ -277,11 +268,10 @@ impl SandboxGateway {
         // One statement: the charge is taken unless its key was seen before
         // (a single statement is atomic, against another process's writes
         // too; the mutex only keeps this process's requests in the order
-        // they came). It runs to its end, so its
-        // connection holds no transaction afterwards: one left open kept
-        // the ledger's WAL from ever being checkpointed, and every lookup
-        // in it grew slower with the ledger's size (renewd bench, "time
-        // travel").
+        // they came). It runs to its end, so its connection holds no
+        // transaction afterwards: one left open kept the ledger's WAL from
+        // ever being checkpointed, and every lookup in it grew slower with
+        // the ledger's size (renewd bench, "time travel").
         let _guard = self.write.lock().await;
         let mut insert = Script::default();
         insert.push(
@@ -350,10 +340,7 @@ impl SandboxGateway {
     }
 
     /// The ledger's row for `key`, if there is one.
-    async fn charge_by_key(
-        &self,
-        key: &str,
-    ) -> Result<Option<crate::store::sqlite::direct::Row>, GatewayError> {
+    async fn charge_by_key(&self, key: &str) -> Result<Option<Row>, GatewayError> {
         let mut select = Script::default();
         select.push(CHARGE_BY_KEY, [Arg::from(key)]);
         let rows = self.ledger(select).await?;
@@ -418,6 +405,16 @@ fn decline_message(code: &str) -> &'static str {
         "fraudulent" => "The card was declined.",
         "resource_missing" => "No such payment method.",
         _ => "The card was declined.",
+    }
+}
+
+/// A store error from the ledger, as the sqlx error `open` and `charges`
+/// return: SQLite's own errors as they are, anything else (a row that does
+/// not read back) as a decode error.
+fn ledger_error(e: crate::store::StoreError) -> sqlx::Error {
+    match e {
+        crate::store::StoreError::Database(e) => e,
+        other => sqlx::Error::Decode(other.to_string().into()),
     }
 }
 
