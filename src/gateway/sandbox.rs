@@ -489,25 +489,37 @@ mod tests {
     }
 
     /// Two sandboxes on one ledger file, as two renewd processes would
-    /// be: charging at once, each meets the other's lock and tries again,
-    /// and every charge gets a number of its own.
+    /// be, each charging its keys (200 of them, named `PREFIX0`..) at the
+    /// same time; returns them with the references each was answered.
+    async fn charge_from_both(
+        dir: &tempfile::TempDir,
+        prefixes: [&'static str; 2],
+    ) -> [(SandboxGateway, Vec<String>); 2] {
+        let charge_all = |gw: SandboxGateway, prefix: &'static str| async move {
+            let mut refs = Vec::new();
+            for i in 0..200 {
+                let charge = gw
+                    .charge(&req(&format!("{prefix}{i}"), "pm_card_visa", 100))
+                    .await
+                    .unwrap();
+                refs.push(charge.reference);
+            }
+            (gw, refs)
+        };
+        let (a, b) = (sandbox(dir).await, sandbox(dir).await);
+        let (a, b) = tokio::join!(
+            tokio::spawn(charge_all(a, prefixes[0])),
+            tokio::spawn(charge_all(b, prefixes[1]))
+        );
+        [a.unwrap(), b.unwrap()]
+    }
+
+    /// Charging at once, each sandbox meets the other's lock and tries
+    /// again, and every charge gets a number of its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_processes_share_one_ledger_without_losing_a_charge() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (sandbox(&dir).await, sandbox(&dir).await);
-        let charge_all = |gw: SandboxGateway, side: &'static str| async move {
-            for i in 0..200 {
-                gw.charge(&req(&format!("{side}{i}"), "pm_card_visa", 100))
-                    .await
-                    .unwrap();
-            }
-            gw
-        };
-        let (a, b) = tokio::join!(
-            tokio::spawn(charge_all(a, "a")),
-            tokio::spawn(charge_all(b, "b"))
-        );
-        let (a, b) = (a.unwrap(), b.unwrap());
+        let [(a, _), (b, _)] = charge_from_both(&dir, ["a", "b"]).await;
         let ledger = a.charges().await.unwrap();
         assert_eq!(ledger.len(), 400);
         let ids: std::collections::HashSet<_> = ledger.iter().map(|c| c.id.clone()).collect();
@@ -525,20 +537,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_same_key_from_two_processes_is_charged_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (sandbox(&dir).await, sandbox(&dir).await);
-        let charge_all = |gw: SandboxGateway| async move {
-            let mut refs = Vec::new();
-            for i in 0..200 {
-                let charge = gw
-                    .charge(&req(&format!("k{i}"), "pm_card_visa", 100))
-                    .await
-                    .unwrap();
-                refs.push(charge.reference);
-            }
-            (gw, refs)
-        };
-        let (a, b) = tokio::join!(tokio::spawn(charge_all(a)), tokio::spawn(charge_all(b)));
-        let ((a, from_a), (_, from_b)) = (a.unwrap(), b.unwrap());
+        let [(a, from_a), (_, from_b)] = charge_from_both(&dir, ["k", "k"]).await;
         assert_eq!(from_a, from_b);
         assert_eq!(a.charges().await.unwrap().len(), 200);
     }
