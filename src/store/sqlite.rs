@@ -1,5 +1,6 @@
-//! The embedded SQLite store: one file, WAL mode, `synchronous = FULL`
-//! (a committed renewal survives power loss), foreign keys on.
+//! The embedded SQLite store: one file, WAL mode, a committed renewal
+//! survives power loss (`synchronous = FULL`, or for the store's own writer
+//! `NORMAL` with the WAL synced before a write is answered), foreign keys on.
 //!
 //! SQLite has one writer at a time. Every write transaction starts with
 //! `BEGIN IMMEDIATE` (a deferred transaction that reads and then writes can
@@ -47,7 +48,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 mod group_commit;
-use group_commit::{GroupCommit, WriteTx};
+use group_commit::{sync_wal_of, Durability, GroupCommit, WriteTx};
 pub mod memory;
 mod raw;
 use raw::Cols;
@@ -124,9 +125,14 @@ impl SqliteStore {
         // In memory it is the pages a write changes that existed before it,
         // freed when its savepoint is released. Only the writer: readers'
         // large sorts may still spill to disk.
+        //
+        // Its COMMITs write the WAL without waiting for the disk; the group
+        // commit syncs the WAL itself before any writer is answered, while
+        // the next writers go on (`group_commit`, "Durability").
         let writer = GroupCommit::open(
             &options.clone().pragma("temp_store", "memory"),
             BUSY_TIMEOUT,
+            Durability::AfterCommit(sync_wal_of(options.get_filename())),
         )
         .await?;
         let pool = SqlitePoolOptions::new()

@@ -17,6 +17,25 @@
 //! - one fsync covers every writer that arrived while the previous batch was
 //!   being written.
 //!
+//! The fsync need not keep the connection: with [`Durability::AfterCommit`]
+//! the connection runs at `synchronous = NORMAL`, so COMMIT only appends the
+//! batch's frames to the WAL, and the flusher syncs the WAL file itself once
+//! it has let the next writers in; the batch's members are answered when
+//! that sync has returned. Meanwhile the next batch is written, and its
+//! COMMIT waits for the sync before it (one sync at a time, in order). The
+//! WAL is append-only between checkpoints and SQLite syncs it before every
+//! checkpoint and every restart, so a sync covers every batch committed
+//! before it: nothing is acknowledged before it is durable, as with `FULL`.
+//! What changes is that other connections can read a batch during its sync,
+//! before it is durable. A power cut then loses it, and with it every batch
+//! after it, whether or not someone read it: renewd acts on the outside (a
+//! charge, a mail) only after a write of its own was acknowledged (the
+//! attempt, the mail's claim), which is durable only once everything it
+//! read is. A sync that fails stops the store's writes for good (the
+//! kernel may have dropped the pages it could not write, so a later sync
+//! that succeeds would prove nothing): renewd must be restarted, and
+//! SQLite then recovers what the WAL on disk holds.
+//!
 //! It must never let a writer run outside the batch transaction. SQLite
 //! rolls a whole transaction back by itself on some errors (I/O, full disk);
 //! when that happens the savepoint bookkeeping fails, the batch is marked
@@ -25,7 +44,7 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
 
@@ -35,6 +54,30 @@ use std::time::Duration;
 use super::raw::{BusyWait, Held};
 use super::script::{Script, Tagged};
 use crate::store::{StoreError, StoreResult};
+
+/// How a batch's COMMIT is made durable.
+#[derive(Clone)]
+pub(super) enum Durability {
+    /// COMMIT waits for the disk itself (`synchronous = FULL`), holding the
+    /// connection meanwhile.
+    InCommit,
+    /// COMMIT only writes the WAL (`synchronous = NORMAL`); this syncs it,
+    /// off the connection, before the batch is answered (see the module's
+    /// documentation).
+    AfterCommit(WalSync),
+}
+
+/// Makes everything written to the WAL so far durable.
+pub(super) type WalSync = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+/// The sync of the WAL beside the database file `db`: `fdatasync` on the
+/// `-wal` file (any descriptor of a file flushes all of its pages).
+pub(super) fn sync_wal_of(db: &std::path::Path) -> WalSync {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    let wal = std::path::PathBuf::from(name);
+    Arc::new(move || std::fs::File::open(&wal)?.sync_data())
+}
 
 /// The batch writer of one store: the connection, and the flusher's signal.
 pub(super) struct GroupCommit {
@@ -58,6 +101,8 @@ struct State {
     /// writer's opening (or by the batch's COMMIT), which saves each write a
     /// round trip of its own.
     release_pending: Option<Savepoint>,
+    /// Why nothing more can be written: a sync of the WAL failed.
+    stopped: Option<String>,
 }
 
 /// A writer's savepoint. A writer takes the name the savepoint still open
@@ -244,13 +289,42 @@ impl GroupCommit {
     /// Opens the dedicated write connection and starts the flusher (which
     /// ends when the store is dropped).
     /// `busy_timeout` is the one `options` sets (sqlx does not say it).
+    /// With [`Durability::AfterCommit`], the connection is opened at
+    /// `synchronous = NORMAL`; should it not be in WAL mode (where only
+    /// COMMIT's own sync is durable), it runs at `FULL` instead.
     pub(super) async fn open(
         options: &SqliteConnectOptions,
         busy_timeout: Duration,
+        durability: Durability,
     ) -> Result<GroupCommit, sqlx::Error> {
+        let mut durability = durability;
+        let conn = match durability {
+            Durability::InCommit => options.connect().await?,
+            Durability::AfterCommit(_) => {
+                let mut conn = options
+                    .clone()
+                    .synchronous(SqliteSynchronous::Normal)
+                    .connect()
+                    .await?;
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(&mut conn)
+                    .await?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    tracing::warn!(
+                        journal_mode = %mode,
+                        "the database is not in WAL mode; every COMMIT waits for the disk"
+                    );
+                    sqlx::raw_sql("PRAGMA synchronous = FULL")
+                        .execute(&mut conn)
+                        .await?;
+                    durability = Durability::InCommit;
+                }
+                conn
+            }
+        };
         let conn = WriteConn {
             held: None,
-            conn: options.connect().await?,
+            conn,
             busy_timeout,
         };
         let state = Arc::new(Mutex::new(State {
@@ -259,9 +333,10 @@ impl GroupCommit {
             dangling: None,
             unopened: false,
             release_pending: None,
+            stopped: None,
         }));
         let (flush, signals) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(state.clone(), signals));
+        tokio::spawn(flusher(state.clone(), signals, durability));
         Ok(GroupCommit { state, flush })
     }
 
@@ -299,9 +374,15 @@ impl GroupCommit {
     /// per write. Such a writer must write through [`WriteTx::run`] only.
     pub(super) async fn begin_deferred(&self) -> StoreResult<WriteTx<'_>> {
         let mut state = self.state.lock().await;
+        if let Some(why) = &state.stopped {
+            return Err(failed(why));
+        }
         state.repair().await;
         if state.batch.as_ref().is_some_and(|b| b.broken.is_some()) {
-            state.finish().await;
+            // Rolled back: nothing to make durable.
+            if let Some((done, result)) = state.finish().await {
+                done.send_replace(Some(result));
+            }
         }
         // The last writer's savepoint released into the batch, and this
         // writer's opened; with no batch open, the batch is begun first.
@@ -355,13 +436,15 @@ impl State {
         }
     }
 
-    /// Ends the open batch, COMMIT (or ROLLBACK if broken or empty), and
-    /// answers its members.
-    async fn finish(&mut self) {
+    /// Ends the open batch, COMMIT (or ROLLBACK if broken, empty, or the
+    /// store stopped), and returns its members' answer, to be sent once the
+    /// batch is durable (see [`Durability`]).
+    async fn finish(&mut self) -> Option<(Answer, Result<(), String>)> {
         self.repair().await;
-        let Some(batch) = self.batch.take() else {
-            return;
-        };
+        let mut batch = self.batch.take()?;
+        if let Some(why) = &self.stopped {
+            batch.broken.get_or_insert_with(|| why.clone());
+        }
         // COMMIT releases the last writer's savepoint with the rest.
         self.release_pending = None;
         let result = match batch.broken {
@@ -381,17 +464,46 @@ impl State {
                 }
             },
         };
-        batch.done.send_replace(Some(result));
+        Some((batch.done, result))
     }
 }
 
+/// Where a batch's members wait for their answer.
+type Answer = watch::Sender<Option<Result<(), String>>>;
+
 /// Commits each batch once the writers queued ahead of it have joined it:
 /// the mutex is fair, so taking it means everyone who asked before has had
-/// their turn.
-async fn flusher(state: Arc<Mutex<State>>, mut signals: mpsc::UnboundedReceiver<()>) {
+/// their turn. With [`Durability::AfterCommit`] the WAL is synced after the
+/// mutex is let go, so the next batch is written meanwhile; its COMMIT
+/// waits for this loop's next turn.
+async fn flusher(
+    state: Arc<Mutex<State>>,
+    mut signals: mpsc::UnboundedReceiver<()>,
+    durability: Durability,
+) {
     while signals.recv().await.is_some() {
         while signals.try_recv().is_ok() {}
-        state.lock().await.finish().await;
+        let Some((done, result)) = state.lock().await.finish().await else {
+            continue;
+        };
+        let result = match (result, &durability) {
+            (Ok(()), Durability::AfterCommit(sync)) => {
+                match may_block(true, "WAL sync", || sync()) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        let why = format!(
+                            "the database's WAL could not be synced to disk ({e}); \
+                             renewd writes nothing more until it is restarted"
+                        );
+                        tracing::error!(error = %e, "WAL sync failed; the store stops writing");
+                        state.lock().await.stopped = Some(why.clone());
+                        Err(why)
+                    }
+                }
+            }
+            (result, _) => result,
+        };
+        done.send_replace(Some(result));
     }
 }
 
@@ -551,7 +663,7 @@ mod tests {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full);
-        let g = GroupCommit::open(&options, Duration::from_secs(30))
+        let g = GroupCommit::open(&options, Duration::from_secs(30), Durability::InCommit)
             .await
             .unwrap();
         let mut tx = g.begin().await.unwrap();
@@ -795,6 +907,7 @@ mod tests {
         let g = GroupCommit::open(
             &options.clone().busy_timeout(Duration::from_millis(50)),
             Duration::from_millis(50),
+            Durability::InCommit,
         )
         .await
         .unwrap();
@@ -820,6 +933,110 @@ mod tests {
         assert!(g.begin().await.unwrap().rollback().await.is_ok());
         other.close().await.unwrap();
         assert_eq!(committed(&options).await, vec![1, 9]);
+    }
+
+    /// A group commit at `synchronous = NORMAL` whose WAL sync is `sync`.
+    async fn setup_after_commit(
+        dir: &tempfile::TempDir,
+        sync: WalSync,
+    ) -> (GroupCommit, SqliteConnectOptions) {
+        let (_, options) = setup(dir).await;
+        let g = GroupCommit::open(
+            &options,
+            Duration::from_secs(30),
+            Durability::AfterCommit(sync),
+        )
+        .await
+        .unwrap();
+        (g, options)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_is_answered_only_after_the_wal_sync_and_the_next_writers_go_on_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        // The sync waits until the test lets it go, and counts its runs.
+        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+        let gate = std::sync::Mutex::new(gate);
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let sync: WalSync = Arc::new(move || {
+            gate.lock().unwrap().recv().unwrap();
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        let (g, options) = setup_after_commit(&dir, sync).await;
+        let g = Arc::new(g);
+        let first = tokio::spawn({
+            let g = g.clone();
+            async move { insert(&g, 1).await.commit().await }
+        });
+        // The batch is committed and its sync started, but not answered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!first.is_finished(), "answered before the sync returned");
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // The connection is free: the next writer writes during the sync,
+        // and waits for its own.
+        let (wrote, written) = tokio::sync::oneshot::channel();
+        let second = tokio::spawn({
+            let g = g.clone();
+            async move {
+                let tx = insert(&g, 2).await;
+                let _ = wrote.send(());
+                tx.commit().await
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), written)
+            .await
+            .expect("the next writer wrote while the sync ran")
+            .unwrap();
+        assert!(!first.is_finished());
+        open_gate.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!second.is_finished(), "answered before its own sync");
+        open_gate.send(()).unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(committed(&options).await, vec![1, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_wal_sync_fails_its_batch_and_stops_every_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failing = fail.clone();
+        let sync: WalSync = Arc::new(move || {
+            if failing.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::Error::other("EIO"))
+            } else {
+                Ok(())
+            }
+        });
+        let (g, _) = setup_after_commit(&dir, sync).await;
+        insert(&g, 1).await.commit().await.unwrap();
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = insert(&g, 2).await.commit().await.unwrap_err();
+        assert!(e.to_string().contains("could not be synced"), "{e}");
+        // The disk may be fine again; the store still writes nothing more.
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let later = g.begin().await.err().expect("a write after a failed sync");
+        assert!(
+            later.to_string().contains("until it is restarted"),
+            "{later}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_sync_of_a_database_syncs_its_wal_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("g.db");
+        let (g, options) = setup_after_commit(&dir, sync_wal_of(&db)).await;
+        insert(&g, 1).await.commit().await.unwrap();
+        assert!(dir.path().join("g.db-wal").exists());
+        assert_eq!(committed(&options).await, vec![1]);
+        // Beside a database that has no WAL, the sync fails (and says why).
+        let missing = sync_wal_of(&dir.path().join("none.db"));
+        assert_eq!(missing().unwrap_err().kind(), std::io::ErrorKind::NotFound);
     }
 
     #[tokio::test]
