@@ -48,7 +48,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 mod group_commit;
-use group_commit::{sync_wal_of, Durability, GroupCommit, WriteTx};
+use group_commit::{Durability, GroupCommit, WriteTx};
 pub mod memory;
 mod raw;
 use raw::Cols;
@@ -132,7 +132,7 @@ impl SqliteStore {
         let writer = GroupCommit::open(
             &options.clone().pragma("temp_store", "memory"),
             BUSY_TIMEOUT,
-            Durability::AfterCommit(sync_wal_of(options.get_filename())),
+            Durability::AfterCommit,
         )
         .await?;
         let pool = SqlitePoolOptions::new()
@@ -855,6 +855,11 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
+        if let Some(why) = self.writer.stopped() {
+            return Err(StoreError::Database(sqlx::Error::Io(
+                std::io::Error::other(why.to_string()),
+            )));
+        }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }

@@ -34,7 +34,17 @@
 //! read is. A sync that fails stops the store's writes for good (the
 //! kernel may have dropped the pages it could not write, so a later sync
 //! that succeeds would prove nothing): renewd must be restarted, and
-//! SQLite then recovers what the WAL on disk holds.
+//! SQLite then recovers what the WAL on disk holds. The batch of that sync
+//! is told it was committed but may not be durable, and the store's health
+//! check fails from then on.
+//!
+//! The WAL is the file SQLite names for the connection (symbolic links
+//! followed), opened once when the store opens and synced through that one
+//! descriptor: Linux reports a failed write-back once to each open file, so
+//! a descriptor opened afterwards could sync without error what never
+//! reached the disk (if SQLite's own checkpoint, which ignores the error,
+//! was told first). The file stays the same while the store is open: SQLite
+//! deletes a WAL only when its last connection closes.
 //!
 //! It must never let a writer run outside the batch transaction. SQLite
 //! rolls a whole transaction back by itself on some errors (I/O, full disk);
@@ -42,9 +52,9 @@
 //! broken, and a broken batch ends in ROLLBACK with an error for each member.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{mpsc, watch, Mutex, MutexGuard};
 
@@ -56,33 +66,33 @@ use super::script::{Script, Tagged};
 use crate::store::{StoreError, StoreResult};
 
 /// How a batch's COMMIT is made durable.
-#[derive(Clone)]
 pub(super) enum Durability {
     /// COMMIT waits for the disk itself (`synchronous = FULL`), holding the
-    /// connection meanwhile.
+    /// connection meanwhile: what `AfterCommit` falls back to without a WAL
+    /// file, and what the tests of the batches alone use.
+    #[cfg(test)]
     InCommit,
-    /// COMMIT only writes the WAL (`synchronous = NORMAL`); this syncs it,
-    /// off the connection, before the batch is answered (see the module's
-    /// documentation).
-    AfterCommit(WalSync),
+    /// COMMIT only writes the WAL (`synchronous = NORMAL`), and the flusher
+    /// syncs the connection's WAL file, off the connection, before the batch
+    /// is answered (see the module's documentation).
+    AfterCommit,
+    /// As `AfterCommit`, with this in place of the WAL file's sync.
+    #[cfg(test)]
+    AfterCommitWith(WalSync),
 }
 
 /// Makes everything written to the WAL so far durable.
-pub(super) type WalSync = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
-
-/// The sync of the WAL beside the database file `db`: `fdatasync` on the
-/// `-wal` file (any descriptor of a file flushes all of its pages).
-pub(super) fn sync_wal_of(db: &std::path::Path) -> WalSync {
-    let mut name = db.as_os_str().to_owned();
-    name.push("-wal");
-    let wal = std::path::PathBuf::from(name);
-    Arc::new(move || std::fs::File::open(&wal)?.sync_data())
-}
+type WalSync = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
 
 /// The batch writer of one store: the connection, and the flusher's signal.
 pub(super) struct GroupCommit {
     state: Arc<Mutex<State>>,
     flush: mpsc::UnboundedSender<()>,
+    /// Why nothing more can be written: a sync of the WAL failed.
+    stopped: Arc<OnceLock<String>>,
+    /// The WAL file synced after each COMMIT, if any.
+    #[cfg_attr(not(test), allow(dead_code))]
+    wal: Option<std::path::PathBuf>,
 }
 
 struct State {
@@ -101,8 +111,8 @@ struct State {
     /// writer's opening (or by the batch's COMMIT), which saves each write a
     /// round trip of its own.
     release_pending: Option<Savepoint>,
-    /// Why nothing more can be written: a sync of the WAL failed.
-    stopped: Option<String>,
+    /// The same as [`GroupCommit`]'s.
+    stopped: Arc<OnceLock<String>>,
 }
 
 /// A writer's savepoint. A writer takes the name the savepoint still open
@@ -144,7 +154,20 @@ struct Batch {
     /// Why the batch can no longer be committed.
     broken: Option<String>,
     /// Answered once the batch has ended: `Ok` when it is durable.
-    done: watch::Sender<Option<Result<(), String>>>,
+    done: Answer,
+}
+
+/// Where a batch's members wait for their answer.
+type Answer = watch::Sender<Option<Result<(), Unwritten>>>;
+
+/// Why a batch's writes are not known to be durable.
+#[derive(Debug, Clone)]
+enum Unwritten {
+    /// Rolled back: nothing of the batch was written.
+    NotCommitted(String),
+    /// Committed, but the sync after it failed: other connections see it,
+    /// and it may or may not survive a crash.
+    NotSynced(String),
 }
 
 /// One writer's turn: a savepoint inside the open batch. Derefs to the
@@ -244,6 +267,38 @@ impl WriteConn {
         }
     }
 
+    /// Moves the connection to `synchronous = NORMAL` and opens its WAL file
+    /// for the syncs after each COMMIT, if the database is in WAL mode and
+    /// has a file; otherwise leaves it as it is (`None`).
+    async fn wal_sync(
+        &mut self,
+    ) -> Result<Option<(WalSync, Option<std::path::PathBuf>)>, sqlx::Error> {
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(self.sqlx())
+            .await?;
+        // A read opens (and creates) the WAL.
+        sqlx::query("SELECT count(*) FROM sqlite_schema")
+            .execute(self.sqlx())
+            .await?;
+        let wal = self.held().await?.wal_path();
+        let Some(wal) = wal.filter(|_| mode.eq_ignore_ascii_case("wal")) else {
+            tracing::warn!(
+                journal_mode = %mode,
+                "the database is not a file in WAL mode; every COMMIT waits for the disk"
+            );
+            return Ok(None);
+        };
+        let file = std::fs::File::open(&wal).map_err(|e| {
+            sqlx::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot open the WAL {}: {e}", wal.display()),
+            ))
+        })?;
+        self.exec("PRAGMA synchronous = NORMAL").await?;
+        let sync: WalSync = Arc::new(move || file.sync_data());
+        Ok(Some((sync, Some(wal))))
+    }
+
     /// Runs fixed SQL (one or more statements).
     async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
         self.held().await?.run(sql, &[], true)?;
@@ -285,59 +340,64 @@ fn failed(why: &str) -> StoreError {
     ))))
 }
 
+fn unknown(why: &str) -> StoreError {
+    StoreError::Database(sqlx::Error::Io(std::io::Error::other(format!(
+        "the write was committed, but may not be on disk (check it before writing it again): {why}"
+    ))))
+}
+
 impl GroupCommit {
     /// Opens the dedicated write connection and starts the flusher (which
     /// ends when the store is dropped).
     /// `busy_timeout` is the one `options` sets (sqlx does not say it).
-    /// With [`Durability::AfterCommit`], the connection is opened at
-    /// `synchronous = NORMAL`; should it not be in WAL mode (where only
-    /// COMMIT's own sync is durable), it runs at `FULL` instead.
+    /// With [`Durability::AfterCommit`], the connection is moved to
+    /// `synchronous = NORMAL` and its WAL file opened for the syncs; should
+    /// the database not be in WAL mode (where only COMMIT's own sync is
+    /// durable) or have no file, it stays as `options` made it.
     pub(super) async fn open(
         options: &SqliteConnectOptions,
         busy_timeout: Duration,
         durability: Durability,
     ) -> Result<GroupCommit, sqlx::Error> {
-        let mut durability = durability;
-        let conn = match durability {
-            Durability::InCommit => options.connect().await?,
-            Durability::AfterCommit(_) => {
-                let mut conn = options
-                    .clone()
-                    .synchronous(SqliteSynchronous::Normal)
-                    .connect()
-                    .await?;
-                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-                    .fetch_one(&mut conn)
-                    .await?;
-                if !mode.eq_ignore_ascii_case("wal") {
-                    tracing::warn!(
-                        journal_mode = %mode,
-                        "the database is not in WAL mode; every COMMIT waits for the disk"
-                    );
-                    sqlx::raw_sql("PRAGMA synchronous = FULL")
-                        .execute(&mut conn)
-                        .await?;
-                    durability = Durability::InCommit;
-                }
-                conn
-            }
-        };
-        let conn = WriteConn {
+        let mut conn = WriteConn {
             held: None,
-            conn,
+            conn: options.connect().await?,
             busy_timeout,
         };
+        let sync = match durability {
+            #[cfg(test)]
+            Durability::InCommit => None,
+            Durability::AfterCommit => conn.wal_sync().await?,
+            #[cfg(test)]
+            Durability::AfterCommitWith(sync) => {
+                conn.exec("PRAGMA synchronous = NORMAL").await?;
+                Some((sync, None))
+            }
+        };
+        let (sync, wal) = sync.unzip();
+        let stopped = Arc::new(OnceLock::new());
         let state = Arc::new(Mutex::new(State {
             conn,
             batch: None,
             dangling: None,
             unopened: false,
             release_pending: None,
-            stopped: None,
+            stopped: stopped.clone(),
         }));
         let (flush, signals) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(state.clone(), signals, durability));
-        Ok(GroupCommit { state, flush })
+        tokio::spawn(flusher(state.clone(), signals, sync, stopped.clone()));
+        Ok(GroupCommit {
+            state,
+            flush,
+            stopped,
+            wal: wal.flatten(),
+        })
+    }
+
+    /// Why the store writes nothing more, if it does not (a sync of the WAL
+    /// failed; see the module's documentation).
+    pub(super) fn stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
     }
 
     /// Waits for this writer's turn and opens its savepoint in the batch
@@ -373,14 +433,14 @@ impl GroupCommit {
     /// script the writer runs, in the same round trip: one or two fewer
     /// per write. Such a writer must write through [`WriteTx::run`] only.
     pub(super) async fn begin_deferred(&self) -> StoreResult<WriteTx<'_>> {
-        let mut state = self.state.lock().await;
-        if let Some(why) = &state.stopped {
+        if let Some(why) = self.stopped() {
             return Err(failed(why));
         }
+        let mut state = self.state.lock().await;
         state.repair().await;
         if state.batch.as_ref().is_some_and(|b| b.broken.is_some()) {
             // Rolled back: nothing to make durable.
-            if let Some((done, result)) = state.finish().await {
+            if let Some((done, result, _)) = state.finish().await {
                 done.send_replace(Some(result));
             }
         }
@@ -438,15 +498,16 @@ impl State {
 
     /// Ends the open batch, COMMIT (or ROLLBACK if broken, empty, or the
     /// store stopped), and returns its members' answer, to be sent once the
-    /// batch is durable (see [`Durability`]).
-    async fn finish(&mut self) -> Option<(Answer, Result<(), String>)> {
+    /// batch is durable (see [`Durability`]), and whether it was committed.
+    async fn finish(&mut self) -> Option<(Answer, Result<(), Unwritten>, bool)> {
         self.repair().await;
         let mut batch = self.batch.take()?;
-        if let Some(why) = &self.stopped {
+        if let Some(why) = self.stopped.get() {
             batch.broken.get_or_insert_with(|| why.clone());
         }
         // COMMIT releases the last writer's savepoint with the rest.
         self.release_pending = None;
+        let committed = batch.broken.is_none() && batch.members > 0;
         let result = match batch.broken {
             Some(why) => {
                 // SQLite may have rolled back already; this only makes sure.
@@ -464,12 +525,14 @@ impl State {
                 }
             },
         };
-        Some((batch.done, result))
+        let committed = committed && result.is_ok();
+        Some((
+            batch.done,
+            result.map_err(Unwritten::NotCommitted),
+            committed,
+        ))
     }
 }
-
-/// Where a batch's members wait for their answer.
-type Answer = watch::Sender<Option<Result<(), String>>>;
 
 /// Commits each batch once the writers queued ahead of it have joined it:
 /// the mutex is fair, so taking it means everyone who asked before has had
@@ -479,29 +542,31 @@ type Answer = watch::Sender<Option<Result<(), String>>>;
 async fn flusher(
     state: Arc<Mutex<State>>,
     mut signals: mpsc::UnboundedReceiver<()>,
-    durability: Durability,
+    sync: Option<WalSync>,
+    stopped: Arc<OnceLock<String>>,
 ) {
     while signals.recv().await.is_some() {
         while signals.try_recv().is_ok() {}
-        let Some((done, result)) = state.lock().await.finish().await else {
+        let Some((done, result, committed)) = state.lock().await.finish().await else {
             continue;
         };
-        let result = match (result, &durability) {
-            (Ok(()), Durability::AfterCommit(sync)) => {
-                match may_block(true, "WAL sync", || sync()) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        let why = format!(
-                            "the database's WAL could not be synced to disk ({e}); \
-                             renewd writes nothing more until it is restarted"
-                        );
-                        tracing::error!(error = %e, "WAL sync failed; the store stops writing");
-                        state.lock().await.stopped = Some(why.clone());
-                        Err(why)
-                    }
+        let result = match &sync {
+            Some(sync) if committed => match may_block(true, "WAL sync", || sync()) {
+                Ok(()) => result,
+                Err(e) => {
+                    let why = format!(
+                        "the database's WAL could not be synced to disk ({e}); \
+                         renewd writes nothing more until it is restarted"
+                    );
+                    tracing::error!(
+                        error = %e,
+                        "WAL sync failed: the store writes nothing more until renewd is restarted"
+                    );
+                    let _ = stopped.set(why.clone());
+                    Err(Unwritten::NotSynced(why))
                 }
-            }
-            (result, _) => result,
+            },
+            _ => result,
         };
         done.send_replace(Some(result));
     }
@@ -584,7 +649,8 @@ impl WriteTx<'_> {
             .map_err(|_| failed("the store shut down before the batch was committed"))?;
         match answer {
             Some(Ok(())) => Ok(()),
-            Some(Err(why)) => Err(failed(&why)),
+            Some(Err(Unwritten::NotCommitted(why))) => Err(failed(&why)),
+            Some(Err(Unwritten::NotSynced(why))) => Err(unknown(&why)),
             None => Err(failed("the batch ended without an answer")),
         }
     }
@@ -944,7 +1010,7 @@ mod tests {
         let g = GroupCommit::open(
             &options,
             Duration::from_secs(30),
-            Durability::AfterCommit(sync),
+            Durability::AfterCommitWith(sync),
         )
         .await
         .unwrap();
@@ -966,6 +1032,8 @@ mod tests {
         });
         let (g, options) = setup_after_commit(&dir, sync).await;
         let g = Arc::new(g);
+        // COMMIT ran before the sync: another connection reads the batch.
+        let reader = options.clone();
         let first = tokio::spawn({
             let g = g.clone();
             async move { insert(&g, 1).await.commit().await }
@@ -973,7 +1041,7 @@ mod tests {
         // The batch is committed and its sync started, but not answered.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!first.is_finished(), "answered before the sync returned");
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(committed(&reader).await, vec![1], "synced before COMMIT");
         // The connection is free: the next writer writes during the sync,
         // and waits for its own.
         let (wrote, written) = tokio::sync::oneshot::channel();
@@ -1016,7 +1084,9 @@ mod tests {
         insert(&g, 1).await.commit().await.unwrap();
         fail.store(true, std::sync::atomic::Ordering::SeqCst);
         let e = insert(&g, 2).await.commit().await.unwrap_err();
+        assert!(e.to_string().contains("may not be on disk"), "{e}");
         assert!(e.to_string().contains("could not be synced"), "{e}");
+        assert!(g.stopped().is_some());
         // The disk may be fine again; the store still writes nothing more.
         fail.store(false, std::sync::atomic::Ordering::SeqCst);
         let later = g.begin().await.err().expect("a write after a failed sync");
@@ -1027,16 +1097,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_wal_sync_of_a_database_syncs_its_wal_file() {
+    async fn the_wal_synced_is_the_one_sqlite_writes_even_through_a_symbolic_link() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("g.db");
-        let (g, options) = setup_after_commit(&dir, sync_wal_of(&db)).await;
+        let (_, options) = setup(&dir).await;
+        // The database is reached through a link in another directory, where
+        // a stale file has the name the WAL would have beside the link.
+        let links = tempfile::tempdir().unwrap();
+        let link = links.path().join("link.db");
+        std::os::unix::fs::symlink(dir.path().join("g.db"), &link).unwrap();
+        std::fs::write(links.path().join("link.db-wal"), b"").unwrap();
+        let through_link = options.clone().filename(&link);
+        let g = GroupCommit::open(
+            &through_link,
+            Duration::from_secs(30),
+            Durability::AfterCommit,
+        )
+        .await
+        .unwrap();
+        let wal = g.wal.clone().expect("a WAL to sync");
+        assert_eq!(
+            wal.canonicalize().unwrap(),
+            dir.path().join("g.db-wal").canonicalize().unwrap()
+        );
         insert(&g, 1).await.commit().await.unwrap();
-        assert!(dir.path().join("g.db-wal").exists());
         assert_eq!(committed(&options).await, vec![1]);
-        // Beside a database that has no WAL, the sync fails (and says why).
-        let missing = sync_wal_of(&dir.path().join("none.db"));
-        assert_eq!(missing().unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        // The connection commits without its own sync.
+        let mut tx = g.begin().await.unwrap();
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(level, 1, "NORMAL");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_in_memory_keeps_its_commits_syncing_themselves() {
+        let options = SqliteConnectOptions::new().in_memory(true);
+        let g = GroupCommit::open(&options, Duration::from_secs(30), Durability::AfterCommit)
+            .await
+            .unwrap();
+        assert!(g.wal.is_none());
+        let mut tx = g.begin().await.unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
     }
 
     #[tokio::test]

@@ -306,6 +306,30 @@ impl Held {
         }))
     }
 
+    /// The WAL file of the main database, as SQLite itself names it (beside
+    /// the real file, symbolic links followed); `None` for a database with
+    /// no file (in memory, temporary).
+    pub(super) fn wal_path(&self) -> Option<std::path::PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: the handle is open and held; `sqlite3_db_filename`'s
+        // answer (owned by SQLite while the connection is open) is only
+        // passed to `sqlite3_filename_wal` when it names a file, as its
+        // documentation requires; both strings are NUL-terminated and copied
+        // before the handle is used again.
+        unsafe {
+            let db = ffi::sqlite3_db_filename(self.db.as_ptr(), c"main".as_ptr());
+            if db.is_null() || *db == 0 {
+                return None;
+            }
+            let wal = ffi::sqlite3_filename_wal(db);
+            if wal.is_null() {
+                return None;
+            }
+            let bytes = CStr::from_ptr(wal).to_bytes();
+            Some(std::ffi::OsStr::from_bytes(bytes).into())
+        }
+    }
+
     /// Whether a transaction is open on the handle.
     pub(super) fn in_transaction(&self) -> bool {
         // SAFETY: the handle is open and held.
