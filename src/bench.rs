@@ -645,7 +645,7 @@ impl Backend {
 
     fn name(&self) -> String {
         match self {
-            Backend::Sqlite => "sqlite (WAL, synchronous=FULL)".into(),
+            Backend::Sqlite => "sqlite (WAL; durable commits: synchronous=FULL, or NORMAL and a sync of the WAL for the store's writer)".into(),
             Backend::Postgres { settings, .. } => format!("postgresql ({settings})"),
         }
     }
