@@ -68,8 +68,9 @@ pub struct BenchArgs {
     /// `--now` and print its figures as JSON (the parent bench reads them).
     #[arg(long, hide = true, value_name = "STATE_DIR")]
     pub child_sweep: Option<PathBuf>,
-    /// Only these lines (comma-separated: renewal, gateway, empty, year),
-    /// e.g. to profile one; the raw limit is always measured.
+    /// Only these lines (comma-separated: renewal, gateway, empty, year,
+    /// year-scattered), e.g. to profile one; the raw limit is always
+    /// measured.
     #[arg(long, value_delimiter = ',', value_name = "LINES")]
     pub only: Vec<Section>,
 }

@@ -732,13 +732,18 @@ mod tests {
         let g = GroupCommit::open(&options, Duration::from_secs(30), Durability::InCommit)
             .await
             .unwrap();
+        create_table(&g).await;
+        (Arc::new(g), options)
+    }
+
+    /// The table the tests write, created through `g`.
+    async fn create_table(g: &GroupCommit) {
         let mut tx = g.begin().await.unwrap();
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
             .execute(&mut *tx)
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        (Arc::new(g), options)
     }
 
     /// What another connection sees: only what was committed.
@@ -1138,12 +1143,7 @@ mod tests {
             .await
             .unwrap();
         assert!(g.wal.is_none());
-        let mut tx = g.begin().await.unwrap();
-        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        create_table(&g).await;
     }
 
     #[tokio::test]
