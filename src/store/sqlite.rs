@@ -80,6 +80,10 @@ type Tx<'a> = WriteTx<'a>;
 /// is sized for (a read holds its connection only while SQLite runs it).
 const READERS: usize = 2;
 
+/// WAL pages after which the writer's COMMIT checkpoints (SQLite's
+/// default is 1,000).
+const WAL_AUTOCHECKPOINT: u32 = 10_000;
+
 /// How long a connection waits for another process's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -129,8 +133,18 @@ impl SqliteStore {
         // Its COMMITs write the WAL without waiting for the disk; the group
         // commit syncs the WAL itself before any writer is answered, while
         // the next writers go on (`group_commit`, "Durability").
+        //
+        // It checkpoints once the WAL holds 10,000 pages (40 MiB), not
+        // SQLite's 1,000: a page the year's renewals keep changing is copied
+        // to the database once per checkpoint, so fewer checkpoints write
+        // fewer bytes (renewd bench, "time travel": 6% fewer bytes; the year
+        // on disk as long or up to 8 s shorter in four alternating pairs;
+        // the gateway-bound line unchanged).
         let writer = GroupCommit::open(
-            &options.clone().pragma("temp_store", "memory"),
+            &options
+                .clone()
+                .pragma("temp_store", "memory")
+                .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT.to_string()),
             BUSY_TIMEOUT,
             Durability::AfterCommit,
         )
@@ -1988,5 +2002,31 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         mail_from(&row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_leaves_the_sync_to_the_group_commit_and_checkpoints_at_its_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("renewd.db").display());
+        let store = SqliteStore::open(&url, 2).await.unwrap();
+        let (_, mut tx) = store.write_tx().await.unwrap();
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let pages: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(level, 1, "NORMAL: the group commit syncs the WAL");
+        assert_eq!(pages, i64::from(WAL_AUTOCHECKPOINT));
+        assert!(store.writer.stopped().is_none());
+        store.ping().await.unwrap();
     }
 }
