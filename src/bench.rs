@@ -397,11 +397,12 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
 
     let mut year = None;
     let mut year_scattered = None;
-    for (section, layout, slot) in [
-        (Section::Year, Layout::Purchase, &mut year),
+    for (section, layout, name, slot) in [
+        (Section::Year, Layout::Purchase, "year", &mut year),
         (
             Section::YearScattered,
             Layout::Scattered,
+            "year_scattered",
             &mut year_scattered,
         ),
     ] {
@@ -413,10 +414,6 @@ async fn run_all(args: &BenchArgs) -> anyhow::Result<Report> {
             plan.year_size,
             layout.describe()
         );
-        let name = match layout {
-            Layout::Purchase => "year",
-            Layout::Scattered => "year_scattered",
-        };
         let dir = work.sub(name)?;
         let setup = Setup::new(&backend, &dir, name, 0, args.concurrency).await?;
         *slot = Some(time_travel(&setup, plan.year_size, layout).await?);

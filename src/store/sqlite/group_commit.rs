@@ -67,9 +67,9 @@ use crate::store::{StoreError, StoreResult};
 
 /// How a batch's COMMIT is made durable.
 pub(super) enum Durability {
-    /// COMMIT waits for the disk itself (`synchronous = FULL`), holding the
-    /// connection meanwhile: what `AfterCommit` falls back to without a WAL
-    /// file, and what the tests of the batches alone use.
+    /// COMMIT waits for the disk itself (`synchronous = FULL`, as `options`
+    /// set it), holding the connection meanwhile, as `AfterCommit` does
+    /// without a WAL file; the tests of the batches alone use it.
     #[cfg(test)]
     InCommit,
     /// COMMIT only writes the WAL (`synchronous = NORMAL`), and the flusher
@@ -270,9 +270,7 @@ impl WriteConn {
     /// Moves the connection to `synchronous = NORMAL` and opens its WAL file
     /// for the syncs after each COMMIT, if the database is in WAL mode and
     /// has a file; otherwise leaves it as it is (`None`).
-    async fn wal_sync(
-        &mut self,
-    ) -> Result<Option<(WalSync, Option<std::path::PathBuf>)>, sqlx::Error> {
+    async fn wal_sync(&mut self) -> Result<Option<(WalSync, std::path::PathBuf)>, sqlx::Error> {
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(self.sqlx())
             .await?;
@@ -296,7 +294,7 @@ impl WriteConn {
         })?;
         self.exec("PRAGMA synchronous = NORMAL").await?;
         let sync: WalSync = Arc::new(move || file.sync_data());
-        Ok(Some((sync, Some(wal))))
+        Ok(Some((sync, wal)))
     }
 
     /// Runs fixed SQL (one or more statements).
@@ -364,17 +362,19 @@ impl GroupCommit {
             conn: options.connect().await?,
             busy_timeout,
         };
-        let sync = match durability {
+        let (sync, wal) = match durability {
             #[cfg(test)]
-            Durability::InCommit => None,
-            Durability::AfterCommit => conn.wal_sync().await?,
+            Durability::InCommit => (None, None),
+            Durability::AfterCommit => match conn.wal_sync().await? {
+                Some((sync, wal)) => (Some(sync), Some(wal)),
+                None => (None, None),
+            },
             #[cfg(test)]
             Durability::AfterCommitWith(sync) => {
                 conn.exec("PRAGMA synchronous = NORMAL").await?;
-                Some((sync, None))
+                (Some(sync), None)
             }
         };
-        let (sync, wal) = sync.unzip();
         let stopped = Arc::new(OnceLock::new());
         let state = Arc::new(Mutex::new(State {
             conn,
@@ -390,7 +390,7 @@ impl GroupCommit {
             state,
             flush,
             stopped,
-            wal: wal.flatten(),
+            wal,
         })
     }
 
@@ -507,7 +507,6 @@ impl State {
         }
         // COMMIT releases the last writer's savepoint with the rest.
         self.release_pending = None;
-        let committed = batch.broken.is_none() && batch.members > 0;
         let result = match batch.broken {
             Some(why) => {
                 // SQLite may have rolled back already; this only makes sure.
@@ -525,7 +524,9 @@ impl State {
                 }
             },
         };
-        let committed = committed && result.is_ok();
+        // Nothing is committed by a broken batch (its result is an error)
+        // or an empty one (rolled back).
+        let committed = batch.members > 0 && result.is_ok();
         Some((
             batch.done,
             result.map_err(Unwritten::NotCommitted),
@@ -1037,8 +1038,6 @@ mod tests {
         });
         let (g, options) = setup_after_commit(&dir, sync).await;
         let g = Arc::new(g);
-        // COMMIT ran before the sync: another connection reads the batch.
-        let reader = options.clone();
         let first = tokio::spawn({
             let g = g.clone();
             async move { insert(&g, 1).await.commit().await }
@@ -1046,7 +1045,8 @@ mod tests {
         // The batch is committed and its sync started, but not answered.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!first.is_finished(), "answered before the sync returned");
-        assert_eq!(committed(&reader).await, vec![1], "synced before COMMIT");
+        // COMMIT ran before the sync: another connection reads the batch.
+        assert_eq!(committed(&options).await, vec![1], "synced before COMMIT");
         // The connection is free: the next writer writes during the sync,
         // and waits for its own.
         let (wrote, written) = tokio::sync::oneshot::channel();
